@@ -1,0 +1,338 @@
+"""Shared TFDS builder for amodal releases: release records -> cleaned schema examples.
+
+A release reader turns annotation files into `RawImage`s (file name + per-instance COCO
+segmentations); `AmodalBuilder` decodes masks, applies SAMEO's cleaning rules, counts what
+each step removed (`BuildStats`) and writes array_record through TFDS. Bad images and bad
+masks are skipped with a warning and counted, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from datasets import features as features_lib
+from sameo_jax import boxes as boxes_lib
+from sameo_jax import masks as masks_lib
+from sameo_jax.data import cleaning
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RawInstance:
+    """One instance as the release gives it (segmentations in COCO polygon / RLE form)."""
+
+    amodal_seg: Any
+    visible_seg: Any = None  # None: visible = amodal minus `invisible_seg` (or = amodal)
+    invisible_seg: Any = None
+    category_id: int = 0
+    name: str = ""
+    is_stuff: bool = False
+    occlusion_rate: float | None = None  # None: computed from the masks
+    amodal_bbox_xywh: Sequence[float] | None = None  # None: derived from the amodal mask
+    visible_bbox_xywh: Sequence[float] | None = None  # None: derived from the visible mask
+
+
+@dataclasses.dataclass
+class RawImage:
+    image_id: int
+    file_name: str
+    height: int | None
+    width: int | None
+    instances: list[RawInstance]
+
+
+@dataclasses.dataclass
+class BuildStats:
+    """What a split build read, skipped, removed and wrote."""
+
+    images: int = 0
+    images_written: int = 0
+    images_skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    instances: int = 0
+    instances_in_skipped_images: int = 0
+    instances_bad_mask: int = 0
+    removed: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    kept: int = 0
+    kept_occluded: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["images_skipped"] = dict(self.images_skipped)
+        d["removed"] = dict(self.removed)
+        return d
+
+    def lines(self) -> list[str]:
+        out = [
+            f"images in release: {self.images}, written: {self.images_written}",
+            *(f"  images skipped ({k}): {v}" for k, v in sorted(self.images_skipped.items())),
+            f"instances in release: {self.instances}",
+            f"  in skipped images: {self.instances_in_skipped_images}",
+            f"  skipped (bad mask): {self.instances_bad_mask}",
+            *(f"  removed by rule '{k}': {v}" for k, v in self.removed.items()),
+            f"  kept: {self.kept} (occluded: {self.kept_occluded})",
+            *(f"note: {n}" for n in self.notes),
+        ]
+        return out
+
+
+def _as_polygons(seg: Any) -> Any:
+    """COCOA regions store one polygon as a flat list; COCO expects a list of polygons."""
+    if isinstance(seg, list) and seg and not isinstance(seg[0], list | dict):
+        return [seg]
+    return seg
+
+
+def decode_instance(inst: RawInstance, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> (amodal, visible) [H, W] bool. Raises ValueError for undecodable segmentations."""
+    try:
+        amodal = masks_lib.decode_segmentation(_as_polygons(inst.amodal_seg), height, width)
+        if inst.visible_seg is not None:
+            visible = masks_lib.decode_segmentation(_as_polygons(inst.visible_seg), height, width)
+        elif inst.invisible_seg is not None:
+            invisible = masks_lib.decode_segmentation(
+                _as_polygons(inst.invisible_seg), height, width
+            )
+            visible = amodal & ~invisible
+        else:
+            visible = amodal.copy()
+    except (TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ValueError(f"malformed segmentation ({type(e).__name__}: {e})") from e
+    return amodal, visible
+
+
+def convert_image(
+    raw: RawImage,
+    image_bytes: bytes,
+    *,
+    source: str,
+    rules: Sequence[str],
+    cleaning_cfg: ml_collections.ConfigDict,
+    stats: BuildStats,
+) -> dict[str, Any] | None:
+    """Release image record + image bytes -> schema example (None when nothing is left).
+
+    Updates `stats`; every instance ends up counted as skipped, removed or kept.
+    """
+    where = f"image {raw.image_id} ({raw.file_name})"
+    try:
+        image, height, width = features_lib.read_image_bytes(image_bytes)
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable image (%s); skipped", where, e)
+        stats.images_skipped["corrupt_image"] += 1
+        stats.instances_in_skipped_images += len(raw.instances)
+        return None
+    if raw.height is not None and (raw.height, raw.width) != (height, width):
+        log.warning(
+            "%s: annotation says %sx%s but the file is %sx%s (HxW); skipped",
+            where, raw.height, raw.width, height, width,
+        )
+        stats.images_skipped["size_mismatch"] += 1
+        stats.instances_in_skipped_images += len(raw.instances)
+        return None
+
+    decoded, used = [], []
+    for k, inst in enumerate(raw.instances):
+        try:
+            decoded.append(decode_instance(inst, height, width))
+            used.append(inst)
+        except ValueError as e:
+            log.warning("%s: instance %d: %s; skipped", where, k, e)
+            stats.instances_bad_mask += 1
+    n = len(used)
+    amodal = np.stack([a for a, _ in decoded]) if n else np.zeros((0, height, width), bool)
+    visible = np.stack([v for _, v in decoded]) if n else np.zeros((0, height, width), bool)
+    computed = cleaning.occlusion_from_areas(
+        amodal.reshape(n, -1).sum(1), visible.reshape(n, -1).sum(1)
+    )
+    occlusion = np.array(
+        [c if i.occlusion_rate is None else i.occlusion_rate for i, c in zip(used, computed)],
+        np.float32,
+    )
+    table = cleaning.make_table(
+        amodal, visible, names=[i.name for i in used], is_stuff=[i.is_stuff for i in used],
+        occlusion_rate=occlusion,
+    )
+    keep, reasons = cleaning.apply_rules(table, rules, cleaning_cfg)
+    stats.removed.update(r for r in reasons if r is not None)
+    stats.kept += int(keep.sum())
+    stats.kept_occluded += int((keep & (table["visible_area"] < table["amodal_area"])).sum())
+    if not keep.any():
+        stats.images_skipped["no_instances_left"] += 1
+        return None
+
+    idx = np.flatnonzero(keep)
+    amodal_boxes, visible_boxes = [], []
+    for i in idx:
+        inst = used[i]
+        amodal_boxes.append(
+            boxes_lib.box_from_mask(amodal[i]) if inst.amodal_bbox_xywh is None
+            else boxes_lib.xywh_to_xyxy(inst.amodal_bbox_xywh)
+        )
+        visible_boxes.append(
+            boxes_lib.box_from_mask(visible[i]) if inst.visible_bbox_xywh is None
+            else boxes_lib.xywh_to_xyxy(inst.visible_bbox_xywh)
+        )
+    stats.images_written += 1
+    return features_lib.make_example(
+        image=image,
+        image_id=raw.image_id,
+        source=source,
+        amodal_masks=amodal[idx],
+        visible_masks=visible[idx],
+        amodal_bbox=np.stack(amodal_boxes),
+        visible_bbox=np.stack(visible_boxes),
+        category_id=np.array([used[i].category_id for i in idx], np.int64),
+        occlusion_rate=occlusion[idx],
+    )
+
+
+class AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base for release builders. Subclasses set the class constants and `read_split`."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    SOURCE: str = ""  # value of the `source` feature
+    DOWNLOAD_PAGE: str = ""
+    SPLIT_FILES: dict[str, Sequence[str]] = {}  # split -> annotation files in manual_dir
+    IMAGE_DIRS: dict[str, Sequence[str]] = {}  # split -> image folders in manual_dir
+    SPLIT_SIZES: dict[str, int] = {}  # split -> images in the full release
+    RULES: Sequence[str] = ("empty_amodal", "tiny_visible")
+
+    def __init__(
+        self,
+        *,
+        splits: Sequence[str] | None = None,
+        cleaning_cfg: ml_collections.ConfigDict | None = None,
+        max_images: int | None = None,
+        strict_sizes: bool = False,
+        **kwargs: Any,
+    ):
+        self.MANUAL_DOWNLOAD_INSTRUCTIONS = self.manual_instructions()
+        self._splits = list(splits) if splits else None
+        self._cleaning_cfg = cleaning_cfg or cleaning.default_config()
+        self._max_images = max_images
+        self._strict_sizes = strict_sizes
+        self._raw: dict[str, list[RawImage]] = {}
+        self.stats: dict[str, BuildStats] = {}
+        super().__init__(**kwargs)
+
+    # --- release description -------------------------------------------------------------
+
+    @classmethod
+    def manual_instructions(cls) -> str:
+        files = sorted({f for fs in cls.SPLIT_FILES.values() for f in fs})
+        return (
+            f"Download from {cls.DOWNLOAD_PAGE} and place in manual_dir: {', '.join(files)} "
+            f"(images under {sorted({d for ds in cls.IMAGE_DIRS.values() for d in ds})})."
+        )
+
+    def split_files(self, split: str) -> Sequence[str]:
+        return self.SPLIT_FILES[split]
+
+    def selected_splits(self) -> list[str]:
+        known = list(self.SPLIT_FILES)
+        for s in self._splits or []:
+            if s not in known:
+                raise ValueError(f"{self.name}: unknown split {s!r}; known: {known}")
+        return self._splits or known
+
+    def check_manual_files(self, manual_dir: str | os.PathLike) -> None:
+        """Raises FileNotFoundError naming the first missing release file and its page."""
+        for split in self.selected_splits():
+            for f in self.split_files(split):
+                path = pathlib.Path(manual_dir) / f
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"{path}: missing release file {f!r} for {self.name} split {split!r}; "
+                        f"download it from {self.DOWNLOAD_PAGE} (see datasets/{self.name}/README.md)"
+                    )
+
+    def read_split(self, split: str, manual_dir: pathlib.Path) -> list[RawImage]:
+        raise NotImplementedError
+
+    # --- TFDS hooks ----------------------------------------------------------------------
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=(self.__doc__ or "").strip(),
+            features=features_lib.features(),
+            homepage=self.DOWNLOAD_PAGE or None,
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _raw_split(self, split: str, manual_dir: pathlib.Path) -> list[RawImage]:
+        if split not in self._raw:
+            self._raw[split] = self.read_split(split, manual_dir)
+        return self._raw[split]
+
+    def find_image(self, split: str, manual_dir: pathlib.Path, file_name: str) -> pathlib.Path:
+        """First existing `manual_dir/<image dir>/file_name` (the first candidate if none)."""
+        candidates = [manual_dir / d / file_name for d in self.IMAGE_DIRS.get(split, ("",))]
+        return next((p for p in candidates if p.is_file()), candidates[0])
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        manual_dir = pathlib.Path(dl_manager.manual_dir)
+        self.check_manual_files(manual_dir)
+        gens = {}
+        for split in self.selected_splits():
+            raws = self._raw_split(split, manual_dir)
+            if raws and not any(
+                self.find_image(split, manual_dir, r.file_name).is_file() for r in raws[:20]
+            ):
+                dirs = [str(manual_dir / d) for d in self.IMAGE_DIRS.get(split, ("",))]
+                raise FileNotFoundError(
+                    f"{self.name} split {split!r}: none of the first images "
+                    f"(e.g. {raws[0].file_name!r}) found in {dirs}; download the images from "
+                    f"{self.DOWNLOAD_PAGE} (see datasets/{self.name}/README.md)"
+                )
+            gens[split] = self._generate_examples(split, manual_dir)
+        return gens
+
+    def _generate_examples(self, split: str, manual_dir: pathlib.Path) -> Iterator[tuple]:
+        raws = self._raw_split(split, manual_dir)
+        stats = self.stats[split] = BuildStats()
+        expected = self.SPLIT_SIZES.get(split)
+        if expected is not None and len(raws) != expected:
+            msg = (
+                f"{self.name} split {split!r}: the annotation files list {len(raws)} images, "
+                f"the full release has {expected}"
+            )
+            if self._strict_sizes:
+                raise ValueError(msg)
+            stats.notes.append(msg + " (partial or modified release)")
+        if self._max_images is not None:
+            raws = raws[: self._max_images]
+        for i, raw in enumerate(raws):
+            stats.images += 1
+            stats.instances += len(raw.instances)
+            path = self.find_image(split, manual_dir, raw.file_name)
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                log.warning("image %s (%s): %s; skipped", raw.image_id, path, e)
+                stats.images_skipped["missing_image"] += 1
+                stats.instances_in_skipped_images += len(raw.instances)
+                continue
+            example = convert_image(
+                raw, data, source=self.SOURCE or self.name, rules=self.RULES,
+                cleaning_cfg=self._cleaning_cfg, stats=stats,
+            )
+            if example is not None:
+                yield i, example
+        self.info.metadata[split] = stats.as_dict()
+        self.info.metadata["cleaning"] = {
+            "rules": list(self.RULES), **self._cleaning_cfg.to_dict()
+        }

@@ -1,0 +1,132 @@
+"""Builds one data set into TFDS array_record (no TensorFlow needed).
+
+  python -m datasets.build NAME --manual_dir M --data_dir D [--split S ...] [--max_images N]
+
+NAME: cocoa, cocoa_cls, d2sa, kins[/update_2020], demo, amodal_lvis. Prints, per split, how
+many images and instances were read, skipped (with reason), removed by each cleaning rule and
+kept, and the name and folder to read the result from (`sameo_jax.data.sources.open_source`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import logging
+import pathlib
+import shutil
+import sys
+from collections.abc import Sequence
+
+import tensorflow_datasets as tfds
+
+from sameo_jax.data import cleaning
+
+NAMES = ("cocoa", "cocoa_cls", "d2sa", "kins", "demo", "amodal_lvis")
+
+
+def builder_class(name: str) -> type:
+    """'kins/update_2020' -> the Builder class of datasets/kins."""
+    base = name.split("/")[0]
+    if base not in NAMES:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(NAMES)}")
+    return importlib.import_module(f"datasets.{base}.{base}_dataset_builder").Builder
+
+
+def parse_cleaning(overrides: Sequence[str]):
+    """['min_visible_fraction=0.1', ...] -> cleaning config with those values."""
+    cfg = cleaning.default_config()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in cfg:
+            raise ValueError(f"--clean {item!r}: expected KEY=VALUE with KEY in {sorted(cfg)}")
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        cfg[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return cfg
+
+
+def make_builder(name: str, data_dir: str, **kwargs):
+    """The builder for NAME (optionally 'name/config') writing array_record under data_dir."""
+    base, _, config = name.partition("/")
+    return builder_class(base)(
+        data_dir=data_dir, config=config or None, file_format="array_record", **kwargs
+    )
+
+
+def build(
+    name: str,
+    manual_dir: str | None,
+    data_dir: str,
+    *,
+    splits: Sequence[str] | None = None,
+    max_images: int | None = None,
+    strict_sizes: bool = False,
+    overwrite: bool = False,
+    clean: Sequence[str] = (),
+):
+    """Builds NAME; returns the builder (its `.stats` hold the per-split summary)."""
+    builder = make_builder(
+        name, data_dir, splits=splits, cleaning_cfg=parse_cleaning(clean),
+        max_images=max_images, strict_sizes=strict_sizes,
+    )
+    if manual_dir is None and builder.SPLIT_FILES:
+        raise ValueError(f"{name}: --manual_dir is required (the folder with the release files)")
+    if manual_dir is not None:
+        builder.check_manual_files(manual_dir)
+    out = pathlib.Path(builder.data_dir)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out}: already built; pass --overwrite to rebuild it")
+        shutil.rmtree(out)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
+    return builder
+
+
+def summary(builder, data_dir: str) -> str:
+    """Human-readable build summary (per split) and how to read the result."""
+    full_name = builder.info.full_name  # name[/config]/version
+    read_name = full_name.rsplit("/", 1)[0]
+    lines = [f"== {full_name} =="]
+    for split, stats in builder.stats.items():
+        lines.append(f"[{split}]")
+        lines += ["  " + line for line in stats.lines()]
+    lines.append(f"TFDS name: {read_name} (data_dir {data_dir})")
+    lines.append(f"read with: sameo_jax.data.sources.open_source({read_name!r}, split, {data_dir!r})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m datasets.build", description=__doc__.split("\n")[0])
+    p.add_argument("name", help=f"one of {', '.join(NAMES)} (kins/update_2020 for KINS 2020)")
+    p.add_argument("--manual_dir", help="folder with the downloaded release files")
+    p.add_argument("--data_dir", required=True, help="TFDS data folder to write to")
+    p.add_argument("--split", action="append", help="build only this split (repeatable)")
+    p.add_argument("--max_images", type=int, help="stop after this many images per split")
+    p.add_argument("--strict_sizes", action="store_true",
+                   help="fail when a split's image count differs from the full release")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing build")
+    p.add_argument("--clean", action="append", default=[],
+                   help="cleaning threshold override KEY=VALUE (repeatable)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    tfds.disable_progress_bar()
+    try:
+        builder = build(
+            args.name, args.manual_dir, args.data_dir, splits=args.split,
+            max_images=args.max_images, strict_sizes=args.strict_sizes,
+            overwrite=args.overwrite, clean=args.clean,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(builder, args.data_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

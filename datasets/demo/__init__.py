@@ -1,0 +1,1 @@
+"""TFDS builder package (see README.md)."""

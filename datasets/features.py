@@ -1,0 +1,94 @@
+"""The one feature schema every builder writes, and TensorFlow-free encoders for it.
+
+Images and masks are stored as encoded bytes (`tfds.features.Image` passes bytes through
+unchanged and decodes them with PIL), so building and reading need no TensorFlow:
+  image          JPEG/PNG bytes of the RGB image (original file bytes when already RGB)
+  objects/amodal_mask, objects/visible_mask   1-bit PNG per instance ([H, W, 1] uint8 0/1)
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+
+def features() -> tfds.features.FeaturesDict:
+    """The shared schema (see the module docstring)."""
+    mask = tfds.features.Image(shape=(None, None, 1), encoding_format="png")
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "image_id": np.int64,
+            "source": tfds.features.Text(),
+            "objects": tfds.features.Sequence(
+                {
+                    "amodal_mask": mask,
+                    "visible_mask": mask,
+                    "amodal_bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+                    "visible_bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+                    "category_id": np.int64,
+                    "occlusion_rate": np.float32,
+                }
+            ),
+        }
+    )
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """[H, W] bool -> 1-bit PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(mask, bool)).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def encode_image(image: np.ndarray) -> bytes:
+    """[H, W, 3] uint8 -> PNG bytes (lossless)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_image_bytes(data: bytes) -> tuple[bytes, int, int]:
+    """Validates encoded image bytes; returns (bytes to store, height, width).
+
+    JPEG/PNG files that are already RGB are stored as they are (no recompression); anything
+    else (grey, CMYK, palette, other formats) is converted to RGB and stored as PNG.
+    Raises OSError (PIL's error types) for unreadable or truncated files.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        width, height = img.size
+        if img.format in ("JPEG", "PNG") and img.mode == "RGB":
+            return data, height, width
+        return encode_image(np.asarray(img.convert("RGB"))), height, width
+
+
+def make_example(
+    image: bytes,
+    image_id: int,
+    source: str,
+    amodal_masks: np.ndarray,
+    visible_masks: np.ndarray,
+    amodal_bbox: np.ndarray,
+    visible_bbox: np.ndarray,
+    category_id: np.ndarray,
+    occlusion_rate: np.ndarray,
+) -> dict[str, Any]:
+    """Schema example ready for TFDS: masks [N, H, W] bool, boxes [N, 4] xyxy float32."""
+    return {
+        "image": image,
+        "image_id": int(image_id),
+        "source": source,
+        "objects": {
+            "amodal_mask": [encode_mask(m) for m in amodal_masks],
+            "visible_mask": [encode_mask(m) for m in visible_masks],
+            "amodal_bbox": np.asarray(amodal_bbox, np.float32).reshape(-1, 4),
+            "visible_bbox": np.asarray(visible_bbox, np.float32).reshape(-1, 4),
+            "category_id": np.asarray(category_id, np.int64).reshape(-1),
+            "occlusion_rate": np.asarray(occlusion_rate, np.float32).reshape(-1),
+        },
+    }

@@ -1,0 +1,88 @@
+"""EfficientSAM assembled: `encode` once per image, `decode` for any number of prompts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sameo_jax.models.config import VARIANTS, EfficientSamConfig, model_config
+from sameo_jax.models.image_encoder import ImageEncoder
+from sameo_jax.models.mask_decoder import MaskDecoder
+from sameo_jax.models.prompt_encoder import PromptEncoder
+from sameo_jax.preprocessing import pad_prompts
+
+__all__ = [
+    "VARIANTS", "EfficientSam", "EfficientSamConfig", "init_params", "model_config", "param_shapes",
+]
+
+
+def select_masks(logits: jax.Array, iou: jax.Array, multimask_output: bool):
+    """All mask-token outputs [..., M, L, L] / [..., M] -> the official selection:
+    tokens 1..M-1 when `multimask_output`, else token 0 alone."""
+    if multimask_output:
+        return logits[..., 1:, :, :], iou[..., 1:]
+    return logits[..., :1, :, :], iou[..., :1]
+
+
+class EfficientSam(nn.Module):
+    """EfficientSAM. Parameters: {'image_encoder', 'prompt_encoder', 'mask_decoder'}."""
+
+    config: EfficientSamConfig
+
+    def setup(self):
+        self.image_encoder = ImageEncoder(self.config)
+        self.prompt_encoder = PromptEncoder(self.config)
+        self.mask_decoder = MaskDecoder(self.config)
+
+    def encode(self, images: jax.Array) -> jax.Array:
+        """[B, S, S, 3] float32 normalised images -> [B, E, E, D] image embeddings."""
+        return self.image_encoder(images)
+
+    def decode_all(self, embeddings: jax.Array, points: jax.Array, labels: jax.Array,
+                   ) -> dict[str, jax.Array]:
+        """Like `decode`, but returns every mask token's output and the intermediates:
+        {'logits' [B, Q, M, L, L], 'iou' [B, Q, M], 'sparse' [B, Q, 6, D],
+         'tokens' [B, Q, T, D], 'hyper_in' [B, Q, M, D/8]} with M = multimask outputs + 1."""
+        if points.ndim != 4 or points.shape[-1] != 2 or labels.shape != points.shape[:-1]:
+            raise ValueError(
+                f"decode expects points [B, Q, P, 2] and labels [B, Q, P]; got "
+                f"{points.shape} and {labels.shape}")
+        points, labels = pad_prompts(points, labels, self.config.max_num_points)
+        sparse = self.prompt_encoder(points, labels)
+        dense_pe = self.prompt_encoder.dense_pe()
+        logits, iou, hyper_in, tokens = self.mask_decoder(sparse, embeddings, dense_pe)
+        return {"logits": logits, "iou": iou, "sparse": sparse, "tokens": tokens,
+                "hyper_in": hyper_in}
+
+    def decode(self, embeddings: jax.Array, points: jax.Array, labels: jax.Array,
+               multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
+        """Masks for prompts.
+
+        embeddings [B, E, E, D]; points [B, Q, P, 2] (x, y) in the model-input frame, P <= 6;
+        labels [B, Q, P] int (1 positive, 0 negative, 2/3 box corners, -1 padding).
+        Returns low-res logits [B, Q, K, L, L] and raw IoU predictions [B, Q, K], with K = 3
+        (multimask) or 1.
+        """
+        out = self.decode_all(embeddings, points, labels)
+        return select_masks(out["logits"], out["iou"], multimask_output)
+
+    def __call__(self, images: jax.Array, points: jax.Array, labels: jax.Array,
+                 multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
+        return self.decode(self.encode(images), points, labels, multimask_output)
+
+
+def init_params(config: EfficientSamConfig, key: jax.Array) -> dict[str, Any]:
+    """Randomly initialised parameters of `config`'s model (float32)."""
+    s = config.img_size
+    images = jnp.zeros((1, s, s, 3), jnp.float32)
+    points = jnp.zeros((1, 1, 2, 2), jnp.float32)
+    labels = jnp.zeros((1, 1, 2), jnp.int32)
+    return EfficientSam(config).init(key, images, points, labels)["params"]
+
+
+def param_shapes(config: EfficientSamConfig) -> dict[str, Any]:
+    """Parameter shapes/dtypes of `config`'s model without allocating them."""
+    return jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))

@@ -1,0 +1,48 @@
+"""Small building blocks shared by the EfficientSAM modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as torch.nn.GELU(); flax/jax default to the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def layer_norm(eps: float, dtype: Any, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm over the last axis with torch's biased-variance formula."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
+    """Multi-head attention on projected inputs.
+
+    q [..., T, D], k [..., S, D], v [..., S, D] -> [..., T, D] (leading dims broadcast). Heads are contiguous chunks of
+    D; logits are scaled by 1 / sqrt(D / num_heads); softmax over keys in float32.
+    """
+    d = q.shape[-1]
+    hd = d // num_heads
+    split = lambda x: x.reshape(*x.shape[:-1], num_heads, hd)  # noqa: E731
+    logits = jnp.einsum("...thd,...shd->...hts", split(q), split(k)) * (hd**-0.5)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("...hts,...shd->...thd", weights, split(v))
+    return out.reshape(*out.shape[:-2], d)
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> ... -> Linear. Hidden layers are `layers_i`, the last one `fc`."""
+
+    hidden_dims: tuple[int, ...]
+    out_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, width in enumerate(self.hidden_dims):
+            x = gelu(nn.Dense(width, dtype=self.dtype, name=f"layers_{i}")(x))
+        return nn.Dense(self.out_dim, dtype=self.dtype, name="fc")(x)

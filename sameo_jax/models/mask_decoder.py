@@ -1,0 +1,82 @@
+"""EfficientSAM mask decoder: tokens + image embedding -> mask logits and IoU predictions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sameo_jax.models.config import EfficientSamConfig
+from sameo_jax.models.layers import Mlp, gelu
+from sameo_jax.models.two_way_transformer import TwoWayTransformer
+
+GROUP_NORM_EPS = 1e-5
+
+
+class Upsample2x(nn.Module):
+    """Transposed convolution with kernel = stride = 2: [N, h, w, C] -> [N, 2h, 2w, F].
+
+    out[2i + a, 2j + b, o] = bias[o] + sum_c x[i, j, c] * kernel[a, b, c, o].
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        y = jnp.einsum("...hwc,abcf->...hawbf", x.astype(self.dtype), kernel.astype(self.dtype))
+        *lead, h, _, w, _, f = y.shape
+        return y.reshape(*lead, 2 * h, 2 * w, f) + bias.astype(self.dtype)
+
+
+class MaskDecoder(nn.Module):
+    """sparse tokens [B, Q, P, D] + embeddings [B, E, E, D] -> logits [B, Q, M, 4E, 4E] and
+    IoU [B, Q, M] for all M = num_multimask_outputs + 1 mask tokens (selection by caller)."""
+
+    config: EfficientSamConfig
+
+    @nn.compact
+    def __call__(self, sparse: jax.Array, embeddings: jax.Array, dense_pe: jax.Array):
+        cfg = self.config
+        dt = cfg.compute_dtype
+        d = cfg.embed_dim
+        num_masks = cfg.num_multimask_outputs + 1
+        b, q = sparse.shape[:2]
+        e = embeddings.shape[1]
+        normal = nn.initializers.normal(1.0)
+        iou_token = self.param("iou_token", normal, (1, d))
+        mask_tokens = self.param("mask_tokens", normal, (num_masks, d))
+        out_tokens = jnp.concatenate([iou_token, mask_tokens], axis=0)
+        tokens = jnp.concatenate(
+            [jnp.broadcast_to(out_tokens, (b, q, 1 + num_masks, d)), sparse], axis=2
+        ).astype(dt)
+        # Image tokens are shared by the prompts of an image until the first image->token
+        # update; the transformer broadcasts them instead of copying them per prompt.
+        keys = embeddings.reshape(b, 1, e * e, d).astype(dt)
+        key_pe = dense_pe.reshape(e * e, d).astype(dt)
+        tokens, keys = TwoWayTransformer(
+            d, cfg.decoder_depth, cfg.decoder_heads, cfg.decoder_mlp_dim,
+            cfg.attention_downsample_rate, dt, name="transformer",
+        )(tokens, keys, key_pe)
+        iou_out = tokens[..., 0, :]
+        mask_out = tokens[..., 1:1 + num_masks, :]
+
+        x = keys.reshape(b, q, e, e, d)
+        x = Upsample2x(d // 4, dt, name="upscale_conv1")(x)
+        x = nn.GroupNorm(num_groups=1, epsilon=GROUP_NORM_EPS, use_fast_variance=False,
+                         dtype=dt, reduction_axes=(-3, -2, -1), name="upscale_norm")(x)
+        x = gelu(x)
+        x = gelu(Upsample2x(d // 8, dt, name="upscale_conv2")(x))  # [B, Q, 4E, 4E, d/8]
+
+        hyper_in = jnp.stack(
+            [Mlp((d, d), d // 8, dt, name=f"hypernet_{i}")(mask_out[..., i, :])
+             for i in range(num_masks)], axis=-2)  # [B, Q, M, d/8]
+        masks = jnp.einsum("bqmc,bqhwc->bqmhw", hyper_in, x)
+        iou = Mlp((cfg.iou_head_hidden, cfg.iou_head_hidden), num_masks, dt,
+                  name="iou_head")(iou_out)
+        return masks.astype(jnp.float32), iou.astype(jnp.float32), hyper_in, tokens

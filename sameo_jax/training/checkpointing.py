@@ -1,0 +1,117 @@
+"""Training checkpoints: an orbax CheckpointManager in WORKDIR/checkpoints.
+
+Each saved step holds these items (the layout `sameo_jax.checkpoint.load_params` reads):
+  params        the full model params (same tree as `init_params`), StandardSave
+  model_config  JSON of dataclasses.asdict(EfficientSamConfig)
+  opt_state     the optimizer state, StandardSave
+  train         {'step': int32, 'rng': uint32 [2]}, StandardSave
+  config        JSON of the training config (for the record)
+  data_iter     the grain iterator's state (one JSON file per process)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from sameo_jax.models.config import EfficientSamConfig
+from sameo_jax.training.state import TrainState
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class TrainCheckpointer:
+    """Periodic saves (keeping `max_to_keep`) and resume from the latest step."""
+
+    def __init__(self, workdir: str | pathlib.Path, max_to_keep: int, *, async_save: bool = True):
+        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_SUBDIR
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(
+        self,
+        state: TrainState,
+        model_config: EfficientSamConfig,
+        config: ml_collections.ConfigDict,
+        data_iter: Any | None,
+    ) -> None:
+        """Saves `state` under its step (asynchronously; `wait()` before reading it back)."""
+        items = {
+            "params": ocp.args.StandardSave(state.params),
+            "opt_state": ocp.args.StandardSave(state.opt_state),
+            "train": ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
+            "model_config": ocp.args.JsonSave(dataclasses.asdict(model_config)),
+            "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        }
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        self.manager.save(int(state.step), args=ocp.args.Composite(**items), force=True)
+
+    def restore(
+        self,
+        abstract_state: TrainState,
+        model_config: EfficientSamConfig,
+        data_iter: Any | None,
+        step: int | None = None,
+    ) -> TrainState:
+        """Restores the latest (or given) step into arrays shaped/sharded like `abstract_state`
+        and moves `data_iter` to where it was. Raises ValueError when the checkpoint was written
+        for a different model."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        saved_config = self.manager.restore(
+            step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore())
+        ).model_config
+        if saved_config != dataclasses.asdict(model_config):
+            diff = {k: (v, saved_config.get(k)) for k, v in dataclasses.asdict(model_config).items()
+                    if saved_config.get(k) != v}
+            raise ValueError(
+                f"{self.directory}: step {step} was trained with a different model config "
+                f"(field: (now, saved) = {diff}); use a fresh --workdir"
+            )
+        items = {
+            "params": ocp.args.StandardRestore(abstract_state.params),
+            "opt_state": ocp.args.StandardRestore(abstract_state.opt_state),
+            "train": ocp.args.StandardRestore(
+                {"step": abstract_state.step, "rng": abstract_state.rng}
+            ),
+        }
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return TrainState(
+            step=restored.train["step"],
+            params=restored.params,
+            opt_state=restored.opt_state,
+            rng=restored.train["rng"],
+        )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """Shape/dtype/sharding skeleton of a pytree of arrays (restore target)."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )

@@ -1,0 +1,175 @@
+"""The jitted, sharded train and eval steps.
+
+The batch is split over the mesh's 'data' axis (NamedSharding), the state is replicated and
+donated. Gradients are taken with respect to the trainable subtree only, so no backward pass
+runs through a frozen part (a frozen image encoder's forward is all it costs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sameo_jax import losses
+from sameo_jax.masks import MASK_THRESHOLD
+from sameo_jax.models.efficient_sam import EfficientSam
+from sameo_jax.preprocessing import boxes_to_prompts, normalize_image
+from sameo_jax.training.optimizer import Params, merge_params, split_params
+from sameo_jax.training.state import TrainState
+
+Batch = dict[str, jax.Array]
+TARGETS = ("amodal", "modal")
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over 'data', the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def jitter_boxes(key: jax.Array, boxes: jax.Array, scale: float, size: int) -> jax.Array:
+    """Random box noise (SAM practice): each coordinate moves by a normal with std `scale` x the
+    box side along its axis, clipped at 2 std; result clipped to [0, size] and kept xyxy.
+
+    boxes: [..., 4] xyxy in the model-input frame (size pixels).
+    """
+    wh = boxes[..., 2:] - boxes[..., :2]
+    side = jnp.concatenate([wh, wh], axis=-1)
+    noise = jnp.clip(jax.random.normal(key, boxes.shape), -2.0, 2.0) * scale * side
+    b = jnp.clip(boxes + noise, 0.0, float(size))
+    lo = jnp.minimum(b[..., :2], b[..., 2:])
+    hi = jnp.maximum(b[..., :2], b[..., 2:])
+    return jnp.concatenate([lo, hi], axis=-1)
+
+
+def _target_masks(batch: Batch, target: str) -> jax.Array:
+    if target not in TARGETS:
+        raise ValueError(f"config.target={target!r}: expected one of {TARGETS}")
+    return batch["amodal_masks"] if target == "amodal" else batch["visible_masks"]
+
+
+def _embeddings(model: EfficientSam, params: Params, batch: Batch) -> jax.Array:
+    """[B, E, E, D]: the batch's cached 'embedding' if present, else encode its 'image'."""
+    if "embedding" in batch:
+        return batch["embedding"]
+    images = normalize_image(batch["image"])
+    return model.apply({"params": params}, images, method=EfficientSam.encode)
+
+
+def make_train_step(
+    model: EfficientSam,
+    config: ml_collections.ConfigDict,
+    labels: Params,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Returns jitted `train_step(state, batch) -> (new_state, metrics)`; `state` is donated.
+
+    batch (training-batch schema): 'image' uint8 [B, S, S, 3] or 'embedding' [B, E, E, D],
+    'prompt_boxes' [B, N, 4], 'amodal_masks' / 'visible_masks' bool [B, N, L, L], 'valid'.
+    """
+    multimask = config.mask_selection != "single"
+    size = model.config.img_size
+
+    def train_step(state: TrainState, batch: Batch):
+        key = state.step_key()
+        trainable, frozen = split_params(state.params, labels)
+        boxes = batch["prompt_boxes"]
+        if config.box_jitter > 0:
+            boxes = jitter_boxes(key, boxes, config.box_jitter, size)
+        points, point_labels = boxes_to_prompts(boxes)
+        target = _target_masks(batch, config.target)
+
+        def loss_fn(trainable_params):
+            params = merge_params(trainable_params, frozen)
+            emb = _embeddings(model, params, batch)
+            logits, iou = model.apply(
+                {"params": params}, emb, points, point_labels,
+                multimask_output=multimask, method=EfficientSam.decode,
+            )
+            out = losses.sameo_loss(
+                logits, iou, target, batch["valid"],
+                mask_selection=config.mask_selection,
+                dice_weight=config.loss.dice_weight,
+                focal_weight=config.loss.focal_weight,
+                iou_weight=config.loss.iou_weight,
+                focal_alpha=config.loss.focal_alpha if config.loss.focal_alpha >= 0 else None,
+                focal_gamma=config.loss.focal_gamma,
+            )
+            return out.total, out
+
+        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        # The optimizer sees the full tree; frozen leaves get zeros that `set_to_zero` ignores.
+        full_grads = merge_params(grads, jax.tree.map(jnp.zeros_like, frozen))
+        updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+        trainable_updates, _ = split_params(updates, labels)
+        # Frozen leaves are passed through untouched (not even `+ 0`).
+        params = merge_params(optax.apply_updates(trainable, trainable_updates), frozen)
+        metrics = {
+            "loss": loss,
+            "dice": out.dice,
+            "focal": out.focal,
+            "iou_l1": out.iou_l1,
+            "train_iou": out.true_iou,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state.step),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def best_candidate(logits: jax.Array, iou: jax.Array) -> jax.Array:
+    """[B, N, K, L, L], [B, N, K] -> [B, N, L, L]: the candidate with the highest predicted IoU."""
+    best = jnp.argmax(iou, axis=-1)
+    return jnp.take_along_axis(logits, best[..., None, None, None], axis=2)[:, :, 0]
+
+
+def make_eval_step(
+    model: EfficientSam, config: ml_collections.ConfigDict, mesh: Mesh
+) -> Callable[[Params, Batch], dict[str, jax.Array]]:
+    """Returns jitted `eval_step(params, batch) -> per-instance metrics`, each [B, N]:
+    'model_iou' (IoU of the predicted mask, best candidate by predicted IoU, with the amodal
+    mask), 'visible_iou' (IoU of the visible mask with the amodal mask: the modal baseline)."""
+    multimask = config.mask_selection != "single"
+
+    def iou(a: jax.Array, b: jax.Array) -> jax.Array:
+        inter = jnp.sum(a & b, axis=(-2, -1)).astype(jnp.float32)
+        union = jnp.sum(a | b, axis=(-2, -1)).astype(jnp.float32)
+        return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
+
+    def eval_step(params: Params, batch: Batch):
+        emb = _embeddings(model, params, batch)
+        points, point_labels = boxes_to_prompts(batch["prompt_boxes"])
+        logits, pred_iou = model.apply(
+            {"params": params}, emb, points, point_labels,
+            multimask_output=multimask, method=EfficientSam.decode,
+        )
+        pred = best_candidate(logits, pred_iou) >= MASK_THRESHOLD
+        amodal = batch["amodal_masks"]
+        return {
+            "model_iou": iou(pred, amodal),
+            "visible_iou": iou(batch["visible_masks"], amodal),
+        }
+
+    return jax.jit(
+        eval_step,
+        in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        out_shardings=batch_sharding(mesh),
+    )

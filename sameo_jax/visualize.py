@@ -1,0 +1,137 @@
+"""Pictures for people: mask overlays, side-by-side panels, PNG output (PIL only)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# A fixed palette of well-separated colours (RGB); instance i gets PALETTE[i % len(PALETTE)].
+PALETTE = np.array(
+    [
+        (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+        (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+        (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+        (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
+    ],
+    np.uint8,
+)
+
+
+def _check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"{name}: expected [H, W, 3], got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name}: expected uint8, got {image.dtype}")
+    return image
+
+
+def overlay_masks(
+    image: np.ndarray,
+    masks: np.ndarray,
+    boxes: np.ndarray | None = None,
+    texts: Sequence[str] | None = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """Blends coloured masks (and optional box outlines and labels) onto an image.
+
+    Args:
+      image: [H, W, 3] uint8.
+      masks: [N, H, W] bool (N may be 0).
+      boxes: optional [N, 4] xyxy boxes in image pixels, drawn as outlines.
+      texts: optional N strings drawn at each box's (or mask's) top-left corner.
+      alpha: mask opacity in [0, 1].
+
+    Returns:
+      [H, W, 3] uint8; the input is not modified.
+    """
+    image = _check_image(image)
+    h, w = image.shape[:2]
+    masks = np.asarray(masks, bool)
+    if masks.ndim == 2:
+        masks = masks[None]
+    if masks.ndim != 3 or masks.shape[1:] != (h, w):
+        raise ValueError(f"masks: expected [N, {h}, {w}], got shape {masks.shape}")
+    n = masks.shape[0]
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if boxes is not None:
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        if boxes.shape[0] != n:
+            raise ValueError(f"boxes: expected {n} boxes (one per mask), got {boxes.shape[0]}")
+    if texts is not None and len(texts) != n:
+        raise ValueError(f"texts: expected {n} strings (one per mask), got {len(texts)}")
+
+    out = image.astype(np.float32)
+    for i in range(n):
+        colour = PALETTE[i % len(PALETTE)].astype(np.float32)
+        m = masks[i]
+        out[m] = (1.0 - alpha) * out[m] + alpha * colour
+    canvas = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+    if boxes is not None or texts is not None:
+        draw = ImageDraw.Draw(canvas)
+        font = ImageFont.load_default()
+        for i in range(n):
+            colour = tuple(int(c) for c in PALETTE[i % len(PALETTE)])
+            if boxes is not None:
+                x0, y0, x1, y1 = (float(v) for v in boxes[i])
+                if np.isfinite([x0, y0, x1, y1]).all() and x1 >= x0 and y1 >= y0:
+                    # Pixel-edge boxes: the last covered pixel is x1 - 1.
+                    draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour)
+            if texts is not None and texts[i]:
+                if boxes is not None and np.isfinite(boxes[i]).all():
+                    x, y = float(boxes[i, 0]), float(boxes[i, 1])
+                else:
+                    ys, xs = np.nonzero(masks[i])
+                    x, y = (float(xs.min()), float(ys.min())) if xs.size else (0.0, 0.0)
+                x = min(max(x, 0.0), w - 1.0)
+                y = min(max(y, 0.0), h - 1.0)
+                left, top, right, bottom = draw.textbbox((x, y), texts[i], font=font)
+                draw.rectangle([left, top, right, bottom], fill=(0, 0, 0))
+                draw.text((x, y), texts[i], fill=colour, font=font)
+    return np.asarray(canvas, np.uint8)
+
+
+def hstack_panels(
+    images: Sequence[np.ndarray], titles: Sequence[str] | None = None, gap: int = 4
+) -> np.ndarray:
+    """Places [H_i, W_i, 3] uint8 panels side by side (tops aligned, black background).
+
+    With `titles`, a strip with each panel's title is added above it. Returns [H, W, 3] uint8.
+    """
+    if len(images) == 0:
+        raise ValueError("hstack_panels: need at least one image")
+    panels = [_check_image(im, f"images[{i}]") for i, im in enumerate(images)]
+    if titles is not None and len(titles) != len(panels):
+        raise ValueError(f"titles: expected {len(panels)} strings, got {len(titles)}")
+    title_h = 14 if titles is not None else 0
+    height = max(p.shape[0] for p in panels) + title_h
+    width = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
+    out = np.zeros((height, width, 3), np.uint8)
+    x = 0
+    for p in panels:
+        out[title_h : title_h + p.shape[0], x : x + p.shape[1]] = p
+        x += p.shape[1] + gap
+    if titles is None:
+        return out
+    canvas = Image.fromarray(out)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    x = 0
+    for p, title in zip(panels, titles, strict=True):
+        draw.text((x + 2, 1), str(title), fill=(255, 255, 255), font=font)
+        x += p.shape[1] + gap
+    return np.asarray(canvas, np.uint8)
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Writes a [H, W, 3] uint8 image as PNG, creating parent folders."""
+    image = _check_image(image)
+    parent = os.path.dirname(os.fspath(path))
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    Image.fromarray(image).save(os.fspath(path), format="PNG")

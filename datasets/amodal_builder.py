@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import logging
 import os
 import pathlib
@@ -19,6 +20,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from datasets import features as features_lib
 from sameo_jax import boxes as boxes_lib
@@ -75,9 +77,9 @@ class BuildStats:
 
     def lines(self) -> list[str]:
         out = [
-            f"images in release: {self.images}, written: {self.images_written}",
+            f"images read: {self.images}, written: {self.images_written}",
             *(f"  images skipped ({k}): {v}" for k, v in sorted(self.images_skipped.items())),
-            f"instances in release: {self.instances}",
+            f"instances read: {self.instances}",
             f"  in skipped images: {self.instances_in_skipped_images}",
             f"  skipped (bad mask): {self.instances_bad_mask}",
             *(f"  removed by rule '{k}': {v}" for k, v in self.removed.items()),
@@ -153,12 +155,10 @@ def convert_image(
     n = len(used)
     amodal = np.stack([a for a, _ in decoded]) if n else np.zeros((0, height, width), bool)
     visible = np.stack([v for _, v in decoded]) if n else np.zeros((0, height, width), bool)
-    computed = cleaning.occlusion_from_areas(
-        amodal.reshape(n, -1).sum(1), visible.reshape(n, -1).sum(1)
-    )
+    computed = cleaning.occlusion_from_areas(amodal.sum(axis=(1, 2)), visible.sum(axis=(1, 2)))
+    released = [i.occlusion_rate for i in used]
     occlusion = np.array(
-        [c if i.occlusion_rate is None else i.occlusion_rate for i, c in zip(used, computed)],
-        np.float32,
+        [c if r is None else r for r, c in zip(released, computed, strict=True)], np.float32
     )
     table = cleaning.make_table(
         amodal, visible, names=[i.name for i in used], is_stuff=[i.is_stuff for i in used],
@@ -198,6 +198,28 @@ def convert_image(
     )
 
 
+def schema_to_tfds(example: dict[str, Any], stats: BuildStats) -> dict[str, Any]:
+    """In-memory schema example (numpy, see sameo_jax.data.sources) -> TFDS example."""
+    obj = example["objects"]
+    n = len(obj["category_id"])
+    stats.images += 1
+    stats.images_written += 1
+    stats.instances += n
+    stats.kept += n
+    stats.kept_occluded += int((np.asarray(obj["occlusion_rate"]) > 0).sum())
+    return features_lib.make_example(
+        image=features_lib.encode_image(example["image"]),
+        image_id=int(example["image_id"]),
+        source=str(example["source"]),
+        amodal_masks=obj["amodal_mask"],
+        visible_masks=obj["visible_mask"],
+        amodal_bbox=obj["amodal_bbox"],
+        visible_bbox=obj["visible_bbox"],
+        category_id=obj["category_id"],
+        occlusion_rate=obj["occlusion_rate"],
+    )
+
+
 class AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base for release builders. Subclasses set the class constants and `read_split`."""
 
@@ -228,6 +250,13 @@ class AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.stats: dict[str, BuildStats] = {}
         super().__init__(**kwargs)
 
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        """The builder's source file. (TFDS's own lookup needs the `importlib_resources`
+        backport for builders inside a package; the file path is all it needs.)"""
+        return epath.Path(inspect.getfile(cls))
+
     # --- release description -------------------------------------------------------------
 
     @classmethod
@@ -241,8 +270,11 @@ class AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def split_files(self, split: str) -> Sequence[str]:
         return self.SPLIT_FILES[split]
 
+    def known_splits(self) -> list[str]:
+        return list(self.SPLIT_FILES)
+
     def selected_splits(self) -> list[str]:
-        known = list(self.SPLIT_FILES)
+        known = self.known_splits()
         for s in self._splits or []:
             if s not in known:
                 raise ValueError(f"{self.name}: unknown split {s!r}; known: {known}")
@@ -256,7 +288,8 @@ class AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 if not path.is_file():
                     raise FileNotFoundError(
                         f"{path}: missing release file {f!r} for {self.name} split {split!r}; "
-                        f"download it from {self.DOWNLOAD_PAGE} (see datasets/{self.name}/README.md)"
+                        f"download it from {self.DOWNLOAD_PAGE} "
+                        f"(see datasets/{self.name}/README.md)"
                     )
 
     def read_split(self, split: str, manual_dir: pathlib.Path) -> list[RawImage]:

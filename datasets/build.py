@@ -16,6 +16,7 @@ import logging
 import pathlib
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
@@ -81,9 +82,11 @@ def build(
         if not overwrite:
             raise FileExistsError(f"{out}: already built; pass --overwrite to rebuild it")
         shutil.rmtree(out)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-    )
+    with tempfile.TemporaryDirectory() as scratch:  # nothing is downloaded; keep D clean
+        builder.download_and_prepare(
+            download_dir=scratch,
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+        )
     return builder
 
 
@@ -96,7 +99,9 @@ def summary(builder, data_dir: str) -> str:
         lines.append(f"[{split}]")
         lines += ["  " + line for line in stats.lines()]
     lines.append(f"TFDS name: {read_name} (data_dir {data_dir})")
-    lines.append(f"read with: sameo_jax.data.sources.open_source({read_name!r}, split, {data_dir!r})")
+    lines.append(
+        f"read with: sameo_jax.data.sources.open_source({read_name!r}, split, {data_dir!r})"
+    )
     return "\n".join(lines)
 
 

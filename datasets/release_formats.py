@@ -130,17 +130,17 @@ def read_coco_instances(path: str | os.PathLike, keys: InstanceKeys) -> list[Raw
         if image_id not in images:
             raise ValueError(f"{path}: annotation {ann.get('id')} has unknown image_id {image_id}")
         cat = int(ann.get("category_id", 0))
-        get = lambda k: None if k is None else ann.get(k)  # noqa: E731
-        occ = get(keys.occlusion_rate)
+        get = ann.get
+        occ = get(keys.occlusion_rate) if keys.occlusion_rate else None
         per_image[image_id].append(
             RawInstance(
                 amodal_seg=ann[keys.amodal_seg],
-                visible_seg=get(keys.visible_seg),
+                visible_seg=get(keys.visible_seg) if keys.visible_seg else None,
                 category_id=cat,
                 name=names.get(cat, ""),
                 occlusion_rate=None if occ is None else float(occ),
-                amodal_bbox_xywh=get(keys.amodal_bbox),
-                visible_bbox_xywh=get(keys.visible_bbox),
+                amodal_bbox_xywh=get(keys.amodal_bbox) if keys.amodal_bbox else None,
+                visible_bbox_xywh=get(keys.visible_bbox) if keys.visible_bbox else None,
             )
         )
     return [_raw_image(im, per_image.get(i, [])) for i, im in images.items()]

@@ -126,8 +126,8 @@ def make_table(
     amodal = np.asarray(amodal_masks, bool)
     visible = np.asarray(visible_masks, bool)
     n = amodal.shape[0]
-    amodal_area = amodal.reshape(n, -1).sum(1).astype(np.int64)
-    visible_area = visible.reshape(n, -1).sum(1).astype(np.int64)
+    amodal_area = amodal.sum(axis=(1, 2)).astype(np.int64)
+    visible_area = visible.sum(axis=(1, 2)).astype(np.int64)
     if occlusion_rate is None:
         occlusion_rate = occlusion_from_areas(amodal_area, visible_area)
     image_area = int(np.prod(amodal.shape[1:])) if n else 0

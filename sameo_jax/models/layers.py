@@ -22,8 +22,9 @@ def layer_norm(eps: float, dtype: Any, name: str | None = None) -> nn.LayerNorm:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
     """Multi-head attention on projected inputs.
 
-    q [..., T, D], k [..., S, D], v [..., S, D] -> [..., T, D] (leading dims broadcast). Heads are contiguous chunks of
-    D; logits are scaled by 1 / sqrt(D / num_heads); softmax over keys in float32.
+    q [..., T, D], k [..., S, D], v [..., S, D] -> [..., T, D] (leading dims broadcast).
+    Heads are contiguous chunks of D; logits are scaled by 1 / sqrt(D / num_heads);
+    softmax over keys in float32.
     """
     d = q.shape[-1]
     hd = d // num_heads

@@ -36,7 +36,9 @@ def box_from_mask(mask: np.ndarray) -> np.ndarray:
 def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
     """[N, H, W] bool -> [N, 4] xyxy float32 (see `box_from_mask`)."""
     masks = np.asarray(masks, bool)
-    return np.stack([box_from_mask(m) for m in masks]) if len(masks) else np.zeros((0, 4), np.float32)
+    if len(masks) == 0:
+        return np.zeros((0, 4), np.float32)
+    return np.stack([box_from_mask(m) for m in masks])
 
 
 def validate_boxes(boxes: np.ndarray, where: str = "boxes") -> np.ndarray:

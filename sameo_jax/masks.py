@@ -40,7 +40,9 @@ def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
             rle = mask_utils.frPyObjects(seg, height, width)
         else:
             counts = seg["counts"]
-            rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+            if isinstance(counts, str):
+                counts = counts.encode("ascii")
+            rle = {"size": size, "counts": counts}
     else:
         raise ValueError(f"unsupported segmentation of type {type(seg).__name__}")
     return mask_utils.decode(rle).astype(bool)

@@ -3,16 +3,19 @@ runner and the evaluate.py entry point."""
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import math
+import os
+import pathlib
 
 import numpy as np
 import pytest
 from pycocotools.cocoeval import COCOeval
 
 from sameo_jax import masks as mask_lib
-from sameo_jax.evaluation import coco_eval, coco_results, occlusion
+from sameo_jax.evaluation import coco_eval, coco_results, occlusion, pictures, runner
 
 # ----------------------------------------------------------------------------- fixtures
 #
@@ -353,3 +356,325 @@ def test_mask_result_is_json_ready():
     assert back["gt_instance"] == 1
     assert math.isclose(back["score"], 0.5)
     np.testing.assert_array_equal(mask_lib.decode_segmentation(back["segmentation"], 5, 6), m)
+
+
+# ----------------------------------------------------------------------------- runner parts
+
+
+def test_gt_prompts_use_the_chosen_boxes_and_skip_empty_instances():
+    ex = make_examples()[0]
+    ex["objects"]["amodal_bbox"] = np.array([[2, 2, 10, 10], [12, 12, 18, 18]], np.float32)
+    ex["objects"]["visible_bbox"] = np.array([[2, 2, 7, 10], [12, 12, 18, 18]], np.float32)
+    p = runner.gt_prompts(ex, "gt_amodal")
+    np.testing.assert_array_equal(p.boxes, ex["objects"]["amodal_bbox"])
+    np.testing.assert_array_equal(p.det_scores, [1.0, 1.0])
+    np.testing.assert_array_equal(p.gt_instance, [0, 1])
+    m = runner.gt_prompts(ex, "gt_modal")
+    np.testing.assert_array_equal(m.boxes, ex["objects"]["visible_bbox"])
+    ex["objects"]["amodal_mask"][0] = False
+    p = runner.gt_prompts(ex, "gt_amodal", class_agnostic=True)
+    np.testing.assert_array_equal(p.gt_instance, [1])
+    np.testing.assert_array_equal(p.category_ids, [1])
+    with pytest.raises(ValueError, match="unknown prompt kind"):
+        runner.gt_prompts(ex, "amodal")
+
+
+def test_refined_score_reranks_and_changes_ap():
+    """Det scores rank a bad mask first; predicted IoUs push it last -> AP 2/3 vs 1."""
+    examples = make_examples()
+    gt = coco_eval.ground_truth_from_examples(examples)
+    objs = examples[0]["objects"]
+    junk = np.zeros((20, 20), bool)
+    junk[0:2, 15:20] = True  # overlaps nothing
+    prompts = runner.ImagePrompts(
+        boxes=np.zeros((3, 4), np.float32),
+        category_ids=np.array([1, 1, 1]),
+        det_scores=np.array([0.6, 0.9, 0.5], np.float32),
+        gt_instance=np.array([-1, -1, -1]),
+    )
+    masks = np.stack([objs["amodal_mask"][0], junk, objs["amodal_mask"][1]])
+    ious = np.array([0.9, 0.3, 0.9], np.float32)
+    out = runner.image_results(1, prompts, masks, ious)
+    np.testing.assert_allclose([r["score"] for r in out["refined"]], [0.54, 0.27, 0.45],
+                               rtol=1e-6)
+    assert [r["segmentation"] for r in out["det"]] == [r["segmentation"] for r in out["refined"]]
+    # Category 2 (image 2) has no prediction in either file: AP 0 there, so compare cat 1.
+    one = coco_eval.ground_truth_from_examples(examples[:1])
+    det = coco_eval.coco_metrics(one, out["det"])
+    refined = coco_eval.coco_metrics(one, out["refined"])
+    # Det order: junk (FP), A, B -> precision 2/3 at every recall level after interpolation.
+    assert det["AP"] == pytest.approx(2 / 3)
+    assert refined["AP"] == pytest.approx(1.0)
+    assert coco_eval.coco_metrics(gt, out["refined"])["AP"] == pytest.approx(0.5)
+
+
+def test_refined_scores_clip_the_iou():
+    np.testing.assert_allclose(
+        runner.refined_scores([0.5, 0.5, 1.0], [1.3, -0.2, 0.25]), [0.5, 0.0, 0.25]
+    )
+
+
+def test_detection_prompts_keep_the_top_scores():
+    dets = [
+        coco_results.Detection(1, 3, np.array([0, 0, 2, 2], np.float32), s, None, i)
+        for i, s in enumerate([0.1, 0.7, 0.4])
+    ]
+    p = runner.detection_prompts(dets, max_per_image=2)
+    np.testing.assert_allclose(p.det_scores, [0.7, 0.4])
+    np.testing.assert_array_equal(p.gt_instance, [-1, -1])
+    np.testing.assert_array_equal(p.category_ids, [3, 3])
+
+
+def test_detection_prompts_count_images_never_read(tmp_path):
+    path = tmp_path / "dets.json"
+    ex = make_examples()
+    entries = [_det(image_id=1), _det(image_id=1, score=0.2), _det(image_id=7),
+               _det(image_id=2, bbox=(0, 0, 3, 3), segmentation={"size": [20, 20], "counts": "0"})]
+    path.write_text(json.dumps(entries))
+    dp = runner.DetectionPrompts(str(path), max_per_image=1)
+    p1 = dp(ex[0])
+    assert len(p1) == 1 and p1.det_scores[0] == pytest.approx(0.9)
+    assert dp(ex[1]) is None  # its only detection has a visible mask of the wrong size
+    report = dp.finish()
+    assert report.kept == 1 and report.total == 4
+    assert report.problems["an unknown image_id"] == 1
+    assert report.problems["a bad segmentation"] == 1
+    assert report.problems["a score rank > 1 in its image"] == 1
+    only_unknown = tmp_path / "unknown.json"
+    only_unknown.write_text(json.dumps([_det(image_id=7)]))
+    dp = runner.DetectionPrompts(str(only_unknown))
+    dp(ex[0])
+    with pytest.raises(ValueError, match="no usable detections.*unknown image_id"):
+        dp.finish()
+
+
+def test_evaluation_panel_shape():
+    ex = make_examples()[0]
+    results = _results([ex], "amodal_mask", scores=(0.5, 0.9))
+    panel = pictures.evaluation_panel(ex, results)
+    assert panel.dtype == np.uint8
+    assert panel.shape == (14 + 20, 4 * 20 + 3 * 4, 3)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _random_params(config, seed=0):
+    """Random params of `config`'s shapes, drawn in numpy (faster than tracing the init)."""
+    import jax
+
+    from sameo_jax.checkpoint import param_shapes
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(path[-1])
+        if "scale" in name:
+            return np.ones(leaf.shape, leaf.dtype)
+        if "bias" in name:
+            return np.zeros(leaf.shape, leaf.dtype)
+        return (rng.standard_normal(leaf.shape) * 0.05).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor():
+    from sameo_jax.models.efficient_sam import model_config
+    from sameo_jax.predictor import Predictor
+
+    config = model_config("tiny")
+    return Predictor(config, _random_params(config))
+
+
+def _demo_options(tmp_path, **kw):
+    from sameo_jax.evaluation.evaluator import EvalOptions
+
+    base = dict(split="demo", max_images=3, out_dir=str(tmp_path / "out"), progress=False)
+    base.update(kw)
+    return EvalOptions(**base)
+
+
+def _check_metrics(m):
+    for name in coco_eval.METRIC_NAMES:
+        assert m[name] == -1.0 or 0.0 <= m[name] <= 1.0, (name, m[name])
+    for level in ("none", "partial", "heavy", "all"):
+        row = m["occlusion"][level]
+        for key in ("AP", "AP50", "mIoU", "invisible_mIoU"):
+            v = row.get(key)
+            assert v is None or v == -1.0 or 0.0 <= v <= 1.0, (level, key, v)
+
+
+def test_evaluate_demo_end_to_end(tmp_path, tiny_predictor, capsys):
+    from sameo_jax.data.sources import open_source
+    from sameo_jax.evaluation import evaluator
+
+    source = open_source("demo", "test")
+    n_instances = sum(len(source[i]["objects"]["category_id"]) for i in range(3))
+    o = _demo_options(tmp_path, json=str(tmp_path / "metrics.json"), visualize=2)
+    summary = evaluator.evaluate(o, predictor=tiny_predictor)
+    printed = capsys.readouterr().out
+    assert "AP50" in printed and "refined" in printed and "heavy" in printed
+
+    paths = evaluator.output_paths(o)
+    assert set(paths) == {"det", "refined"}
+    det = json.loads(open(paths["det"]).read())
+    refined = json.loads(open(paths["refined"]).read())
+    assert len(det) == len(refined) == n_instances == summary["num_instances"]
+    assert all(isinstance(r["segmentation"]["counts"], str) for r in det)
+    assert all(r["score"] == 1.0 for r in det)  # GT prompts: detector score 1
+    for d, r in zip(det, refined, strict=True):
+        assert d["segmentation"] == r["segmentation"]
+        assert r["score"] == pytest.approx(min(max(d["predicted_iou"], 0.0), 1.0), abs=1e-5)
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_images"] == 3 and metrics["prompts"] == "gt_amodal"
+    for kind in ("det", "refined"):
+        _check_metrics(metrics["scores"][kind])
+    assert metrics["scores"]["det"]["occlusion"]["all"]["num_instances"] == n_instances
+    pngs = sorted((tmp_path / "out").glob("*_pictures/*.png"))
+    assert len(pngs) == 2
+
+    # Nothing is written over without --overwrite, and the check comes before any model work.
+    # (The checkpoint path does not exist: the file check must fail first.)
+    o_ckpt = dataclasses.replace(o, checkpoint=str(tmp_path / "no_such_checkpoint"))
+    with pytest.raises(FileExistsError, match="_best_det.json exists; pass --overwrite"):
+        evaluator.evaluate(o_ckpt)
+    os.remove(paths["det"])
+    with pytest.raises(FileExistsError, match="_best_refined.json exists; pass --overwrite"):
+        evaluator.evaluate(o_ckpt)
+    assert not os.path.exists(paths["det"])
+    assert json.loads(open(paths["refined"]).read()) == refined
+
+    # --results re-scores the refined file to the same numbers without a model.
+    again = evaluator.evaluate(_demo_options(tmp_path, results=paths["refined"]))
+    got, want = again["scores"]["results"], summary["scores"]["refined"]
+    for name in coco_eval.METRIC_NAMES:
+        assert got[name] == pytest.approx(want[name])
+    assert got["occlusion"] == want["occlusion"]
+
+
+def test_evaluate_with_detections_file(tmp_path, tiny_predictor):
+    """GT amodal boxes fed as a detector file give the same masks as --prompts gt_amodal;
+    bad entries are counted, not fatal."""
+    from sameo_jax.boxes import xyxy_to_xywh
+    from sameo_jax.data.sources import open_source
+    from sameo_jax.evaluation import evaluator
+
+    source = open_source("demo", "test")
+    entries = []
+    for i in range(2):
+        ex = source[i]
+        for box, cat in zip(ex["objects"]["amodal_bbox"], ex["objects"]["category_id"],
+                            strict=True):
+            entries.append({"image_id": int(ex["image_id"]), "category_id": int(cat),
+                            "bbox": xyxy_to_xywh(box).tolist(), "score": 1.0})
+    good = len(entries)
+    entries += [
+        {"image_id": 123456, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5},
+        {"image_id": int(source[0]["image_id"]), "category_id": 1, "bbox": [1, 1, -5, 5],
+         "score": 0.5},
+        {"image_id": int(source[0]["image_id"]), "bbox": [1, 1, 5, 5], "score": 0.5},
+    ]
+    det_path = tmp_path / "detector.json"
+    det_path.write_text(json.dumps(entries))
+    o = _demo_options(tmp_path, detections=str(det_path), max_images=2)
+    summary = evaluator.evaluate(o, predictor=tiny_predictor)
+    inputs = summary["inputs"]["detections"]
+    assert inputs["kept"] == good and inputs["total"] == good + 3
+    assert inputs["skipped"] == {"an image outside --max_images": 1,
+                                 "a negative bbox width/height": 1,
+                                 "missing key 'category_id'": 1}
+    from_dets = json.loads(open(evaluator.output_paths(o)["det"]).read())
+    gt_run = evaluator.evaluate(_demo_options(tmp_path, max_images=2), predictor=tiny_predictor)
+    from_gt = json.loads(open(gt_run["results_files"]["det"]).read())
+    assert [r["segmentation"] for r in from_dets] == [r["segmentation"] for r in from_gt]
+    _check_metrics(summary["scores"]["refined"])
+
+
+def test_evaluate_rejects_bad_settings(tmp_path):
+    from sameo_jax.evaluation import evaluator
+
+    with pytest.raises(ValueError, match="--checkpoint is required"):
+        evaluator.evaluate(_demo_options(tmp_path))
+    with pytest.raises(ValueError, match="either --prompts"):
+        evaluator.evaluate(_demo_options(tmp_path, prompts="gt_modal", detections="d.json"))
+    with pytest.raises(ValueError, match="--split 'lvis'"):
+        evaluator.evaluate(_demo_options(tmp_path, split="lvis"))
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match="empty list"):
+        evaluator.evaluate(_demo_options(tmp_path, results=str(empty)))
+
+
+def test_evaluate_command_line_with_saved_checkpoint(tmp_path):
+    """evaluate.py as users run it: an orbax checkpoint of a tiny model, the demo split."""
+    import subprocess
+    import sys
+
+    from sameo_jax.checkpoint import save_params
+    from sameo_jax.models.efficient_sam import model_config
+
+    config = model_config("tiny")
+    ckpt = save_params(_random_params(config, seed=1), tmp_path / "ckpt", config)
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(repo / "evaluate.py"), "--split", "demo", "--checkpoint",
+           str(ckpt), "--max_images", "2", "--candidate", "single", "--prompts", "gt_modal",
+           "--out_dir", str(out), "--json", str(tmp_path / "m.json")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "AR100" in run.stdout
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["prompts"] == "gt_modal" and metrics["candidate"] == "single"
+    for kind in ("det", "refined"):
+        _check_metrics(metrics["scores"][kind])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "demo_gt_modal_single_det.json", "demo_gt_modal_single_refined.json"]
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env,
+                           timeout=300)
+    assert again.returncode == 1
+    last = again.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "exists; pass --overwrite" in last
+
+
+def test_results_mode_on_a_data_set_without_classes(tmp_path):
+    """COCOA-style ground truth (category_id 0 = no class) is scored class-agnostic; any
+    result category counts. Also: --results with a custom source and --max_images."""
+    from sameo_jax.evaluation import evaluator
+
+    examples = make_examples()
+    for ex in examples:
+        ex["objects"]["category_id"][:] = coco_eval.NO_CLASS
+    results = _results(examples[:1], "amodal_mask", category=5)
+    path = tmp_path / "res.json"
+    path.write_text(json.dumps(results + [{**results[0], "image_id": 2}]))
+    o = _demo_options(tmp_path, results=str(path), max_images=1, json=str(tmp_path / "m.json"))
+    summary = evaluator.evaluate(o, source=examples)
+    assert summary["class_agnostic"] is True
+    assert summary["inputs"]["results"] == {"total": 3, "kept": 2,
+                                            "skipped": {"an image outside --max_images": 1}}
+    assert summary["scores"]["results"]["AP"] == pytest.approx(1.0)
+    assert summary["scores"]["results"]["occlusion"]["heavy"]["mIoU"] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "m.json").read_text())["num_images"] == 1
+
+
+def test_level_ap_counts_unmatched_predictions_only_in_their_own_level():
+    examples = make_examples()
+    gt = coco_eval.ground_truth_from_examples(examples)
+    # A's visible mask now outranks B: at IoU thresholds > 0.625 it is unmatched, but it lies
+    # on A (heavy), so it is no false positive for the 'none' level.
+    results = _results(examples, "visible_mask", scores=(0.95, 0.9, 0.7))
+    out = occlusion.occlusion_breakdown(gt, results)
+    assert out["none"]["AP"] == pytest.approx(1.0)
+    assert out["heavy"]["AP"] == pytest.approx(0.3)
+    # A prediction that overlaps no instance is a false positive in every level.
+    junk = np.zeros((20, 20), bool)
+    junk[0:2, 15:20] = True
+    results.append(coco_results.mask_result(1, 1, junk, 1.0))
+    out = occlusion.occlusion_breakdown(gt, results)
+    assert out["none"]["AP"] == pytest.approx(0.5)  # junk first, then B: precision 1/2
+    assert out["heavy"]["AP"] == pytest.approx(3 * 0.5 / 10)
+    assert out["partial"]["AP"] == pytest.approx(0.6)  # category 2: junk is category 1

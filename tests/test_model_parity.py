@@ -26,8 +26,8 @@ def golden(reference_dir):
 
 @pytest.fixture(scope="module")
 def model_and_params(reference_dir):
-    config, params = load_model(reference_dir / "synthetic_weights/synthetic_efficient_sam_vitt.npz",
-                                "vitt")
+    weights = reference_dir / "synthetic_weights/synthetic_efficient_sam_vitt.npz"
+    config, params = load_model(weights, "vitt")
     return EfficientSam(config), params
 
 

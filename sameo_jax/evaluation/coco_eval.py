@@ -23,6 +23,17 @@ from pycocotools.cocoeval import COCOeval
 from sameo_jax import boxes as box_lib
 from sameo_jax import masks as mask_lib
 
+# Data sets without classes (COCOA) store category_id 0; COCO files give such instances 1.
+NO_CLASS = 0
+
+
+def coco_category(category_id: int, class_agnostic: bool = False) -> int:
+    """The category id written to COCO GT/results: 1 in class-agnostic runs and for instances
+    without a class (NO_CLASS), else the data set's id."""
+    category_id = int(category_id)
+    return 1 if class_agnostic or category_id == NO_CLASS else category_id
+
+
 # Names of COCOeval.stats[0:9], in order (pycocotools fractions in [0, 1], -1 = undefined).
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 
@@ -31,7 +42,9 @@ class GroundTruthBuilder:
     """Collects schema examples one by one into an in-memory COCO ground truth.
 
     `add(example)` encodes the amodal and visible masks as RLE right away, so the decoded
-    examples need not stay in memory. With `class_agnostic`, every instance gets category 1.
+    examples need not stay in memory. Categories go through `coco_category` (with
+    `class_agnostic` every instance gets 1); `has_classes` says whether any instance had a
+    class of its own.
     """
 
     def __init__(self, class_agnostic: bool = False):
@@ -40,6 +53,7 @@ class GroundTruthBuilder:
         self.annotations: list[dict[str, Any]] = []
         self.image_sizes: dict[int, tuple[int, int]] = {}
         self.num_empty_skipped = 0
+        self.has_classes = False
 
     def add(self, example: Mapping[str, Any]) -> int:
         """Adds one schema example; returns its image_id. Instances whose amodal mask is empty
@@ -69,11 +83,12 @@ class GroundTruthBuilder:
                 self.num_empty_skipped += 1
                 continue
             box = box_lib.xyxy_to_xywh(box_lib.box_from_mask(amodal[i]))
+            self.has_classes |= int(cats[i]) != NO_CLASS
             self.annotations.append(
                 {
                     "id": len(self.annotations) + 1,
                     "image_id": image_id,
-                    "category_id": 1 if self.class_agnostic else int(cats[i]),
+                    "category_id": coco_category(cats[i], self.class_agnostic),
                     "segmentation": mask_lib.encode_rle(amodal[i]),
                     "area": area,
                     "bbox": [float(v) for v in box],
@@ -143,11 +158,19 @@ def results_to_coco(coco_gt: COCO, results: Sequence[Mapping[str, Any]]) -> COCO
 
 class _COCOevalWithIgnore(COCOeval):
     """COCOeval that also ignores the GT annotations whose ids are in `ignore_ids` (as COCO
-    ignores GT outside an area range: detections matched to them count neither way)."""
+    ignores GT outside an area range: detections matched to them count neither way), and can
+    reuse the mask IoUs of an earlier run on the same GT and detections."""
 
-    def __init__(self, *args, ignore_ids: Iterable[int] = (), **kwargs):
+    def __init__(self, *args, ignore_ids: Iterable[int] = (), ious: dict | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.ignore_ids = set(ignore_ids)
+        self.cached_ious = ious
+
+    def computeIoU(self, imgId, catId):  # noqa: N802 (pycocotools' name)
+        if self.cached_ious is not None:
+            return self.cached_ious[imgId, catId]
+        return super().computeIoU(imgId, catId)
 
     def _prepare(self):
         super()._prepare()
@@ -163,9 +186,15 @@ def run_cocoeval(
     coco_dt: COCO,
     class_agnostic: bool = False,
     ignore_gt_ids: Iterable[int] = (),
+    ious: dict | None = None,
 ) -> COCOeval:
-    """Runs COCOeval(iouType='segm') quietly (evaluate + accumulate + summarize)."""
-    ev = _COCOevalWithIgnore(coco_gt, coco_dt, iouType="segm", ignore_ids=ignore_gt_ids)
+    """Runs COCOeval(iouType='segm') quietly (evaluate + accumulate + summarize).
+
+    `ignore_gt_ids`: GT annotations to ignore; `ious`: `.ious` of an earlier run with the
+    same GT, detections and class_agnostic setting (skips recomputing the mask IoUs).
+    """
+    ev = _COCOevalWithIgnore(coco_gt, coco_dt, iouType="segm", ignore_ids=ignore_gt_ids,
+                             ious=ious)
     ev.params.imgIds = sorted(coco_gt.getImgIds())
     ev.params.useCats = 0 if class_agnostic else 1
     if class_agnostic:

@@ -163,6 +163,7 @@ def _check_common(
     image_sizes: Mapping[int, tuple[int, int]] | None,
     category_ids: Iterable[int] | None,
     report: EntryReport,
+    unknown_image: str = "an unknown image_id",
 ) -> tuple[int, int, float] | None:
     """Checks the keys shared by detections and results; returns (image_id, category, score)."""
     if not isinstance(entry, dict):
@@ -177,7 +178,7 @@ def _check_common(
         report.skip(index, "a non-integer image_id", repr(entry["image_id"]))
         return None
     if image_sizes is not None and image_id not in image_sizes:
-        report.skip(index, "an unknown image_id", f"image_id {image_id}")
+        report.skip(index, unknown_image, f"image_id {image_id}")
         return None
     category_id = _as_int(entry["category_id"])
     if category_id is None:
@@ -193,8 +194,9 @@ def _check_common(
     return image_id, category_id, score
 
 
-def _check_segmentation(seg: Any, hw: tuple[int, int] | None) -> str | None:
-    """Returns why a COCO segmentation is unusable, or None when it is fine."""
+def check_segmentation(seg: Any, hw: tuple[int, int] | None) -> str | None:
+    """Returns why a COCO segmentation is unusable on an image of size `hw` = (H, W) (None:
+    size not checked), or None when it is fine."""
     if isinstance(seg, dict):
         if "counts" not in seg or "size" not in seg:
             return f"RLE without 'counts'/'size' (keys {sorted(seg)})"
@@ -263,7 +265,7 @@ def parse_detections(
         seg = entry.get("segmentation")
         if seg is not None:
             hw = None if image_sizes is None else image_sizes[image_id]
-            why = _check_segmentation(seg, hw)
+            why = check_segmentation(seg, hw)
             if why is not None:
                 report.skip(i, "a bad segmentation", why)
                 continue
@@ -280,24 +282,26 @@ def parse_results(
     name: str,
     image_sizes: Mapping[int, tuple[int, int]],
     category_ids: Iterable[int] | None = None,
+    unknown_image: str = "an unknown image_id",
 ) -> tuple[list[dict[str, Any]], EntryReport]:
     """Checks segmentation results (image_id, category_id, segmentation RLE/polygons, score)
-    against the evaluated images. Returns (clean result dicts with RLE counts as str, report);
-    raises ValueError when nothing is usable."""
+    against the evaluated images (`image_sizes`: image_id -> (H, W); results of other images
+    are counted under `unknown_image`). Returns (clean result dicts with RLE counts as str,
+    report); raises ValueError when nothing is usable."""
     report = EntryReport(name, total=len(entries))
     cats = None if category_ids is None else set(category_ids)
     out = []
     for i, entry in enumerate(entries):
         common = _check_common(
             entry, i, ("image_id", "category_id", "segmentation", "score"), image_sizes, cats,
-            report,
+            report, unknown_image,
         )
         if common is None:
             continue
         image_id, category_id, score = common
         hw = image_sizes[image_id]
         seg = entry["segmentation"]
-        why = _check_segmentation(seg, hw)
+        why = check_segmentation(seg, hw)
         if why is not None:
             report.skip(i, "a bad segmentation", why)
             continue

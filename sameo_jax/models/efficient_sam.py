@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -74,13 +75,19 @@ class EfficientSam(nn.Module):
         return self.decode(self.encode(images), points, labels, multimask_output)
 
 
-def init_params(config: EfficientSamConfig, key: jax.Array) -> dict[str, Any]:
-    """Randomly initialised parameters of `config`'s model (float32)."""
+@functools.lru_cache(maxsize=8)
+def _compiled_init(config: EfficientSamConfig):
     s = config.img_size
     images = jnp.zeros((1, s, s, 3), jnp.float32)
     points = jnp.zeros((1, 1, 2, 2), jnp.float32)
     labels = jnp.zeros((1, 1, 2), jnp.int32)
-    return EfficientSam(config).init(key, images, points, labels)["params"]
+    # One compiled call (cached per config) instead of running the model op by op.
+    return jax.jit(lambda key: EfficientSam(config).init(key, images, points, labels)["params"])
+
+
+def init_params(config: EfficientSamConfig, key: jax.Array) -> dict[str, Any]:
+    """Randomly initialised parameters of `config`'s model (float32)."""
+    return _compiled_init(config)(key)
 
 
 def param_shapes(config: EfficientSamConfig) -> dict[str, Any]:

@@ -1,0 +1,249 @@
+"""One evaluation run, as evaluate.py performs it: read a split, run SAMEO (or read a results
+file), write COCO results files, score them, print tables, write metrics JSON and pictures."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from sameo_jax import visualize
+from sameo_jax.evaluation import coco_eval, coco_results, occlusion, pictures, runner
+
+SPLITS = ("cocoa_cls", "d2sa", "kins", "cocoa", "demo")
+# The held-out split each data set is scored on by default, as the data sources name it
+# (KINS's "val"/"test" set is built as "validation"; COCOA also has a "test" split).
+EVAL_SPLIT = {
+    "cocoa_cls": "validation",
+    "d2sa": "validation",
+    "kins": "validation",
+    "cocoa": "validation",
+    "demo": "test",
+}
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    """Settings of one run (evaluate.py's flags of the same names)."""
+
+    split: str = "demo"
+    checkpoint: str | None = None
+    variant: str | None = None
+    data_dir: str | None = None
+    data_split: str | None = None  # default EVAL_SPLIT[split]
+    prompts: str | None = None  # gt_amodal | gt_modal; gt_amodal when nothing else is given
+    detections: str | None = None
+    results: str | None = None
+    candidate: str = "best"
+    class_agnostic: bool = False
+    json: str | None = None
+    visualize: int = 0
+    out_dir: str = "eval_results"
+    overwrite: bool = False
+    max_images: int | None = None
+    max_dets_per_image: int = 100
+    batch_size: int = 8
+    progress: bool = True
+
+
+def check_options(o: EvalOptions) -> None:
+    """Raises ValueError naming the first bad or conflicting setting."""
+    if o.split not in SPLITS:
+        raise ValueError(f"--split {o.split!r}: choose one of {', '.join(SPLITS)}")
+    if o.results and (o.detections or o.prompts or o.checkpoint):
+        raise ValueError("--results scores an existing file: do not combine it with "
+                         "--checkpoint, --prompts or --detections")
+    if o.detections and o.prompts:
+        raise ValueError("give either --prompts (GT boxes) or --detections, not both")
+    if o.prompts and o.prompts not in runner.PROMPT_KINDS:
+        raise ValueError(f"--prompts {o.prompts!r}: choose one of {runner.PROMPT_KINDS}")
+    if o.candidate not in runner.CANDIDATES:
+        raise ValueError(f"--candidate {o.candidate!r}: choose one of {runner.CANDIDATES}")
+    if o.max_images is not None and o.max_images < 1:
+        raise ValueError(f"--max_images must be >= 1, got {o.max_images}")
+    if o.max_dets_per_image < 1:
+        raise ValueError(f"--max_dets_per_image must be >= 1, got {o.max_dets_per_image}")
+    if o.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {o.batch_size}")
+    if o.visualize < 0:
+        raise ValueError(f"--visualize must be >= 0, got {o.visualize}")
+
+
+def run_tag(o: EvalOptions) -> str:
+    """File-name stem of a run: split, prompt source, candidate (, agnostic)."""
+    if o.results:
+        return f"{o.split}_{os.path.splitext(os.path.basename(o.results))[0]}"
+    if o.detections:
+        source = "det-" + os.path.splitext(os.path.basename(o.detections))[0]
+    else:
+        source = o.prompts or "gt_amodal"
+    agnostic = "_agnostic" if o.class_agnostic else ""
+    return f"{o.split}_{source}_{o.candidate}{agnostic}"
+
+
+def output_paths(o: EvalOptions) -> dict[str, str]:
+    """Results files a model run writes: {'det': path, 'refined': path}."""
+    tag = run_tag(o)
+    return {k: os.path.join(o.out_dir, f"{tag}_{k}.json") for k in runner.SCORE_KINDS}
+
+
+def open_split(o: EvalOptions):
+    """The split's random-access source of schema examples."""
+    from sameo_jax.data.sources import open_source
+
+    return open_source(o.split, o.data_split or EVAL_SPLIT[o.split], o.data_dir)
+
+
+def score_results(coco_gt, results: list[dict[str, Any]], class_agnostic: bool
+                  ) -> dict[str, Any]:
+    """COCO metrics (AP ... AR100) plus the occlusion breakdown of one results list."""
+    metrics: dict[str, Any] = coco_eval.coco_metrics(coco_gt, results, class_agnostic)
+    metrics["occlusion"] = occlusion.occlusion_breakdown(coco_gt, results, class_agnostic)
+    metrics["num_results"] = len(results)
+    return metrics
+
+
+def format_tables(scores: Mapping[str, Mapping[str, Any]]) -> str:
+    """Metrics in the paper's table form (percent): COCO AP/AR per score, then occlusion."""
+    names = coco_eval.METRIC_NAMES
+
+    def pct(v):
+        return "-" if v is None or v < 0 else f"{100 * v:.1f}"
+
+    width = max(8, *(len(k) for k in scores))
+    lines = [f"{'score':<{width}}" + "".join(f"{n:>7}" for n in names)]
+    for kind, m in scores.items():
+        lines.append(f"{kind:<{width}}" + "".join(f"{pct(m[n]):>7}" for n in names))
+    lines.append("")
+    head = ("n", "AP", "AP50", "mIoU", "invIoU")
+    lines.append(f"{'score':<{width}}{'occlusion':>10}" + "".join(f"{h:>7}" for h in head))
+    for kind, m in scores.items():
+        for level, row in m["occlusion"].items():
+            vals = [row.get("AP"), row.get("AP50"), row["mIoU"], row["invisible_mIoU"]]
+            lines.append(f"{kind:<{width}}{level:>10}{row['num_instances']:>7}"
+                         + "".join(f"{pct(v):>7}" for v in vals))
+    return "\n".join(lines)
+
+
+def evaluate(o: EvalOptions, predictor=None, source=None) -> dict[str, Any]:
+    """Runs one evaluation; returns the summary that --json writes.
+
+    Args:
+      o: the settings.
+      predictor: a `sameo_jax.predictor.Predictor` to use instead of loading --checkpoint.
+      source: a random-access source of schema examples to use instead of --split's data.
+
+    Raises ValueError / FileExistsError / FileNotFoundError with a one-line message on bad
+    settings or inputs, before any model work where that can be known.
+    """
+    check_options(o)
+    if o.results is None and predictor is None and not o.checkpoint:
+        raise ValueError("--checkpoint is required to run the model (or give --results FILE)")
+    paths = {} if o.results else output_paths(o)
+    for path in paths.values():
+        coco_results.check_writable(path, o.overwrite)
+    if o.json:
+        coco_results.check_writable(o.json, o.overwrite)
+    if source is None:
+        source = open_split(o)
+    n = len(source) if o.max_images is None else min(len(source), o.max_images)
+    if n == 0:
+        raise ValueError(f"split {o.split!r} has no examples")
+    gt = coco_eval.GroundTruthBuilder(class_agnostic=o.class_agnostic)
+    reports: dict[str, coco_results.EntryReport] = {}
+
+    if o.results:
+        for i in range(n):
+            gt.add(source[i])
+        entries = coco_results.read_json_list(o.results)
+        clean, reports["results"] = coco_results.parse_results(
+            entries, o.results, gt.image_sizes,
+            unknown_image=("an image outside --max_images" if n < len(source)
+                           else "an unknown image_id"),
+        )
+        all_results = {"results": clean}
+    else:
+        detections = None
+        if o.detections:
+            detections = runner.DetectionPrompts(o.detections, o.max_dets_per_image,
+                                                 limited=n < len(source))
+            prompts_for = detections
+        else:
+            kind = o.prompts or "gt_amodal"
+            prompts_for = lambda ex: runner.gt_prompts(ex, kind, o.class_agnostic)
+        if predictor is None:
+            from sameo_jax.predictor import Predictor
+
+            predictor = Predictor.from_checkpoint(o.checkpoint, o.variant)
+        all_results = runner.run_split(
+            predictor, source, range(n), prompts_for, candidate=o.candidate,
+            batch_size=o.batch_size, on_example=gt.add, progress=o.progress,
+        )
+        if detections is not None:
+            reports["detections"] = detections.finish()
+            _warn_unknown_categories(o, detections, gt)
+        for kind, path in paths.items():
+            coco_results.write_json(path, all_results[kind], overwrite=o.overwrite)
+            print(f"wrote {path} ({len(all_results[kind])} results)")
+
+    for report in reports.values():
+        print(report.summary())
+    coco_gt = gt.build()
+    agnostic = o.class_agnostic
+    if not agnostic and not gt.has_classes:
+        print(f"{o.split}: the ground truth has no classes; scoring class-agnostic")
+        agnostic = True
+    scores = {k: score_results(coco_gt, rs, agnostic) for k, rs in all_results.items()}
+    summary = {
+        "split": o.split,
+        "data_split": o.data_split or EVAL_SPLIT[o.split],
+        "prompts": None if o.results else (o.detections or o.prompts or "gt_amodal"),
+        "candidate": None if o.results else o.candidate,
+        "class_agnostic": agnostic,
+        "num_images": n,
+        "num_instances": len(coco_gt.getAnnIds()),
+        "gt_instances_skipped_empty": gt.num_empty_skipped,
+        "results_files": paths or {"results": o.results},
+        "inputs": {k: r.as_dict() for k, r in reports.items()},
+        "scores": scores,
+    }
+    print(format_tables(scores))
+    if o.json:
+        coco_results.write_json(o.json, summary, overwrite=o.overwrite)
+        print(f"wrote {o.json}")
+    if o.visualize:
+        write_pictures(o, source, min(o.visualize, n), all_results)
+    return summary
+
+
+def _warn_unknown_categories(o: EvalOptions, detections: runner.DetectionPrompts,
+                             gt: coco_eval.GroundTruthBuilder) -> None:
+    if o.class_agnostic or not gt.has_classes:
+        return
+    known = set(gt.category_ids())
+    other = sum(1 for d in detections.detections if d.category_id not in known)
+    if other:
+        print(f"{o.detections}: {other} detections have category ids absent from the ground "
+              "truth; COCOeval ignores them (--class_agnostic pools categories)")
+
+
+def write_pictures(o: EvalOptions, source, count: int,
+                   all_results: Mapping[str, list[dict[str, Any]]]) -> list[str]:
+    """PNG pictures (image | visible GT | amodal GT | prediction) of the first `count`
+    examples, in OUT_DIR/<run tag>_pictures/<image_id>.png; returns the paths."""
+    kind = "refined" if "refined" in all_results else next(iter(all_results))
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for r in all_results[kind]:
+        by_image.setdefault(int(r["image_id"]), []).append(r)
+    folder = os.path.join(o.out_dir, f"{run_tag(o)}_pictures")
+    written = []
+    for i in range(count):
+        example = source[i]
+        image_id = int(example["image_id"])
+        path = os.path.join(folder, f"{image_id}.png")
+        coco_results.check_writable(path, o.overwrite)
+        visualize.save_png(path, pictures.evaluation_panel(example, by_image.get(image_id, [])))
+        written.append(path)
+    print(f"wrote {len(written)} pictures to {folder}")
+    return written

@@ -1,0 +1,407 @@
+"""grain input pipeline: schema examples -> fixed-shape training and evaluation batches.
+
+API
+    make_train_dataset(sources, *, batch_size, image_size, mask_size, instances_per_image,
+                       prompt_mode="random", box_jitter=0.0, mixture="log_proportional",
+                       seed=0, worker_count=0, read_threads=0, ...) -> grain.IterDataset
+    make_train_loader(...same...) -> grain.DatasetIterator   # = iter(make_train_dataset(...))
+    make_eval_loader(source, *, batch_size, image_size, mask_size, instances_per_image,
+                     prompt_mode="modal", ...) -> Iterator[batch]   # one ordered pass
+    to_global_batch(batch, sharding) -> pytree of jax.Array   # place a host batch on devices
+    prepare_example(example, rng, *, image_size, mask_size, instances_per_image, ...)
+
+Sources are anything random-access (`len`, `[i]` -> example in the project schema):
+`sameo_jax.data.sources.open_source(...)` for built TFDS data, or `DemoSource`.
+
+Training batch (numpy, host-local; B = batch_size, S = image_size, N = instances_per_image,
+L = mask_size):
+    'image'            uint8   [B, S, S, 3]  preprocessing.resize_image (bilinear, no
+                                             antialias, aspect not kept), rounded to uint8
+    'image_key'        int32   [B]           offset of the source + index in it (offsets: the
+                                             sizes of the sources before it, in dict order)
+    'prompt_boxes'     float32 [B, N, 4]     xyxy in the S frame (x * S / W, y * S / H)
+    'prompt_is_amodal' bool    [B, N]
+    'amodal_masks'     bool    [B, N, L, L]
+    'visible_masks'    bool    [B, N, L, L]
+    'occlusion_rate'   float32 [B, N]
+    'valid'            bool    [B, N]        padding rows are False (and all zeros)
+
+Steps per example: pick the instances (all of them, or N at random when there are more;
+instances with an empty amodal mask are never used), choose each prompt box (prompt_mode
+"random": amodal box with probability `amodal_prompt_prob` = 0.5, else modal; "modal" /
+"amodal": always that one; an instance with an empty visible mask always gets its amodal
+box), optionally jitter it (`box_jitter` = std of each coordinate's noise as a fraction of
+the box width / height, noise clipped to +-2 std, box clipped to the image), rescale it to
+the S frame, and pad to N.
+
+Target masks at L: each L x L cell is in the mask when at least half of its area is covered
+("majority area pooling": PIL's BOX filter, an exact area average, thresholded at 0.5). The
+L x L grid spans the whole original image, the same frame as the resized S x S input. An
+instance whose amodal target vanishes at L (too small) is marked invalid.
+
+Mixing: one shuffled, repeated stream per source, mixed per element by
+`sameo_jax.data.mixture` (`mixture` = "log_proportional" | "proportional" | "uniform" | a
+mapping name -> weight). Batches are made before the iterator, so each of the
+`read_threads` threads (0: synchronous) and `worker_count` processes builds whole batches.
+
+Determinism and resuming: every batch is a pure function of (seed, batch index), whatever
+the number of workers. `it.get_state()` is a small JSON-serialisable dict and
+`it.set_state(state)` resumes exactly there (the state's layout depends on worker_count:
+resume with the same worker_count). With orbax, save it beside the train state:
+    Save = grain.checkpoint.CheckpointSave; Restore = grain.checkpoint.CheckpointRestore
+    mgr.save(step, args=ocp.args.Composite(state=..., data=Save(it)))
+    mgr.restore(step, args=ocp.args.Composite(state=..., data=Restore(it)))
+(`grain.checkpoint.CheckpointHandler` writes the state as one JSON file per process.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from sameo_jax.data import mixture as mixture_lib
+from sameo_jax.preprocessing import rescale_points, resize_image
+
+PROMPT_MODES = ("random", "modal", "amodal")
+BATCH_KEYS = ("image", "image_key", "prompt_boxes", "prompt_is_amodal", "amodal_masks",
+              "visible_masks", "occlusion_rate", "valid")
+_OBJECT_KEYS = ("amodal_mask", "visible_mask", "amodal_bbox", "visible_bbox", "occlusion_rate")
+
+
+def _sub_seed(seed: int, *path: int) -> int:
+    """A 32-bit seed derived from (seed, *path) (grain wants seeds in [0, 2**32))."""
+    return int(np.random.SeedSequence([int(seed), *path]).generate_state(1)[0])
+
+
+def _check_example(example: Any, where: str) -> None:
+    if not isinstance(example, Mapping) or "image" not in example or "objects" not in example:
+        raise ValueError(f"{where}: not a schema example (need 'image' and 'objects')")
+    image = np.asarray(example["image"])
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"{where}: 'image' must be [H, W, 3], got shape {image.shape}")
+    objects = example["objects"]
+    for key in _OBJECT_KEYS:
+        if key not in objects:
+            raise ValueError(f"{where}: 'objects' has no field {key!r}")
+    n = len(objects["amodal_bbox"])
+    for key in ("amodal_mask", "visible_mask"):
+        shape = np.shape(objects[key])
+        if shape != (n, *image.shape[:2]):
+            raise ValueError(f"{where}: objects[{key!r}] has shape {shape}, expected "
+                             f"[{n}, {image.shape[0]}, {image.shape[1]}]")
+
+
+def downsample_masks(masks: np.ndarray, size: int) -> np.ndarray:
+    """[N, H, W] bool -> [N, size, size] bool by majority area pooling (see module doc)."""
+    masks = np.asarray(masks, bool)
+    n, h, w = masks.shape
+    if h % size == 0 and w % size == 0:  # whole cells: the same area average, vectorised
+        cells = masks.reshape(n, size, h // size, size, w // size)
+        return 2 * cells.sum(axis=(2, 4)) >= (h // size) * (w // size)
+    out = np.zeros((n, size, size), bool)
+    for k, mask in enumerate(masks):
+        if mask.shape == (size, size):
+            out[k] = mask
+            continue
+        pooled = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BOX)
+        out[k] = np.asarray(pooled) >= 128
+    return out
+
+
+def jitter_boxes(boxes: np.ndarray, scale: float, rng: np.random.Generator,
+                 image_hw: tuple[int, int]) -> np.ndarray:
+    """Adds Gaussian noise (std = scale * box side, clipped to 2 std) to [K, 4] xyxy boxes.
+
+    The result is clipped to the image and kept ordered (x0 <= x1, y0 <= y1).
+    """
+    boxes = np.asarray(boxes, np.float32)
+    if scale <= 0 or len(boxes) == 0:
+        return boxes
+    h, w = image_hw
+    side = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]] * 2, axis=-1)
+    noise = np.clip(rng.standard_normal(boxes.shape), -2.0, 2.0) * scale * side
+    out = boxes + noise.astype(np.float32)
+    out[:, 0::2] = np.clip(out[:, 0::2], 0, w)
+    out[:, 1::2] = np.clip(out[:, 1::2], 0, h)
+    x = np.sort(out[:, 0::2], axis=1)
+    y = np.sort(out[:, 1::2], axis=1)
+    return np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=-1).astype(np.float32)
+
+
+def prepare_example(
+    example: Mapping[str, Any],
+    rng: np.random.Generator | None,
+    *,
+    image_size: int,
+    mask_size: int,
+    instances_per_image: int,
+    prompt_mode: str = "random",
+    amodal_prompt_prob: float = 0.5,
+    box_jitter: float = 0.0,
+    image_key: int = 0,
+    instances: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """One schema example -> one row of the training batch (keys BATCH_KEYS, no B axis).
+
+    rng: randomness for instance subsampling, random prompts and jitter (None: none allowed).
+    instances: explicit instance indices to use (at most N; the evaluation path); default:
+    all usable instances, N of them at random when there are more.
+    """
+    image = np.asarray(example["image"])
+    h, w = image.shape[:2]
+    objects = example["objects"]
+    n_max = instances_per_image
+    amodal_area = np.asarray(objects["amodal_mask"]).reshape(len(objects["amodal_bbox"]), -1)
+    usable = np.flatnonzero(amodal_area.any(axis=1))
+    if instances is None:
+        chosen = usable
+        if len(chosen) > n_max:
+            if rng is None:
+                raise ValueError("more instances than instances_per_image and no rng")
+            chosen = np.sort(rng.choice(chosen, n_max, replace=False))
+    else:
+        chosen = np.asarray(instances, np.int64)
+        if len(chosen) > n_max:
+            raise ValueError(f"{len(chosen)} instances given, instances_per_image={n_max}")
+    k = len(chosen)
+
+    amodal_boxes = np.asarray(objects["amodal_bbox"], np.float32)[chosen].reshape(k, 4)
+    visible_boxes = np.asarray(objects["visible_bbox"], np.float32)[chosen].reshape(k, 4)
+    visible_masks = np.asarray(objects["visible_mask"], bool)[chosen]
+    has_visible = visible_masks.reshape(k, -1).any(axis=1)
+    if prompt_mode == "random":
+        if rng is None:
+            raise ValueError("prompt_mode 'random' needs an rng")
+        is_amodal = rng.random(k) < amodal_prompt_prob
+    elif prompt_mode in ("modal", "amodal"):
+        is_amodal = np.full(k, prompt_mode == "amodal")
+    else:
+        raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
+    is_amodal |= ~has_visible
+    boxes = np.where(is_amodal[:, None], amodal_boxes, visible_boxes)
+    if box_jitter > 0:
+        if rng is None:
+            raise ValueError("box_jitter needs an rng")
+        boxes = jitter_boxes(boxes, box_jitter, rng, (h, w))
+    boxes = rescale_points(boxes.reshape(k, 2, 2), (h, w), image_size).reshape(k, 4)
+
+    amodal_small = downsample_masks(np.asarray(objects["amodal_mask"], bool)[chosen], mask_size)
+    visible_small = downsample_masks(visible_masks, mask_size)
+    valid = amodal_small.reshape(k, -1).any(axis=1)
+
+    resized = resize_image(image, image_size)
+    if resized.dtype != np.uint8:
+        resized = np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+
+    def pad(x: np.ndarray, dtype) -> np.ndarray:
+        out = np.zeros((n_max, *x.shape[1:]), dtype)
+        out[:k] = x
+        return out
+
+    return {
+        "image": resized,
+        "image_key": np.int32(image_key),
+        "prompt_boxes": pad(np.where(valid[:, None], boxes, 0.0), np.float32),
+        "prompt_is_amodal": pad(is_amodal & valid, bool),
+        "amodal_masks": pad(amodal_small & valid[:, None, None], bool),
+        "visible_masks": pad(visible_small & valid[:, None, None], bool),
+        "occlusion_rate": pad(
+            np.where(valid, np.asarray(objects["occlusion_rate"], np.float32)[chosen], 0.0),
+            np.float32),
+        "valid": pad(valid, bool),
+    }
+
+
+class _KeyedSources:
+    """Global image keys <-> (source, index): key = offset of the source + index."""
+
+    def __init__(self, sources: Mapping[str, Any]):
+        if not sources:
+            raise ValueError("pipeline: no sources given")
+        self.names = list(sources)
+        self.sources = [sources[n] for n in self.names]
+        self.sizes = [len(s) for s in self.sources]
+        for name, size in zip(self.names, self.sizes, strict=True):
+            if size <= 0:
+                raise ValueError(f"pipeline: source {name!r} is empty")
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        if self.offsets[-1] > np.iinfo(np.int32).max:
+            raise ValueError("pipeline: more than 2**31 images in all; image_key is int32")
+
+    def load(self, key: int) -> tuple[int, Mapping[str, Any]]:
+        d = int(np.searchsorted(self.offsets, key, side="right") - 1)
+        index = int(key - self.offsets[d])
+        example = self.sources[d][index]
+        _check_example(example, f"source {self.names[d]!r} example {index}")
+        return int(key), example
+
+
+def make_train_dataset(
+    sources: Mapping[str, Any],
+    *,
+    batch_size: int,
+    image_size: int,
+    mask_size: int,
+    instances_per_image: int,
+    prompt_mode: str = "random",
+    amodal_prompt_prob: float = 0.5,
+    box_jitter: float = 0.0,
+    mixture: str | Mapping[str, float] = "log_proportional",
+    seed: int = 0,
+    worker_count: int = 0,
+    worker_buffer_size: int = 2,
+    read_threads: int = 0,
+    prefetch_batches: int = 4,
+    mixture_block_size: int = 1024,
+) -> grain.IterDataset:
+    """Infinite, shuffled, mixed stream of training batches (see the module docstring).
+
+    sources: name -> random-access source of schema examples. Returns a grain IterDataset;
+    `iter()` of it is a DatasetIterator with get_state / set_state.
+    """
+    if prompt_mode not in PROMPT_MODES:
+        raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
+    for name, value in (("batch_size", batch_size), ("image_size", image_size),
+                        ("mask_size", mask_size), ("instances_per_image", instances_per_image)):
+        if int(value) <= 0:
+            raise ValueError(f"pipeline: {name} must be positive, got {value}")
+    if not 0.0 <= amodal_prompt_prob <= 1.0:
+        raise ValueError(f"amodal_prompt_prob must be in [0, 1], got {amodal_prompt_prob}")
+    if not (math.isfinite(box_jitter) and box_jitter >= 0):
+        raise ValueError(f"box_jitter must be >= 0, got {box_jitter}")
+    keyed = _KeyedSources(sources)
+    weights = mixture_lib.mixture_weights(dict(zip(keyed.names, keyed.sizes, strict=True)),
+                                          mixture)
+    streams = []
+    for d, (offset, size) in enumerate(zip(keyed.offsets[:-1], keyed.sizes, strict=True)):
+        keys = grain.MapDataset.range(int(offset), int(offset) + size)
+        streams.append(keys.shuffle(seed=_sub_seed(seed, 1, d)).repeat())
+    mixed = mixture_lib.mix_datasets(streams, [weights[n] for n in keyed.names],
+                                     seed=_sub_seed(seed, 2), block_size=mixture_block_size)
+
+    def prepare(item: tuple[int, Mapping[str, Any]], rng: np.random.Generator):
+        key, example = item
+        return prepare_example(
+            example, rng, image_size=image_size, mask_size=mask_size,
+            instances_per_image=instances_per_image, prompt_mode=prompt_mode,
+            amodal_prompt_prob=amodal_prompt_prob, box_jitter=box_jitter, image_key=key)
+
+    ds = mixed.map(keyed.load).random_map(prepare, seed=_sub_seed(seed, 3))
+    ds = ds.batch(batch_size, drop_remainder=True)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                 prefetch_buffer_size=prefetch_batches))
+    if worker_count > 0:
+        # grain's worker processes read absl flags; outside an absl app (scripts, tests) they
+        # are unparsed, which grain treats as an error, so the defaults are taken as parsed.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+    return it_ds
+
+
+def make_train_loader(sources: Mapping[str, Any], **kwargs) -> grain.DatasetIterator:
+    """`iter(make_train_dataset(sources, **kwargs))`: batches with get_state / set_state."""
+    return iter(make_train_dataset(sources, **kwargs))
+
+
+def make_eval_loader(
+    source: Any,
+    *,
+    batch_size: int,
+    image_size: int,
+    mask_size: int,
+    instances_per_image: int,
+    prompt_mode: str = "modal",
+    image_key_offset: int = 0,
+    limit: int | None = None,
+    read_threads: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over a source in order, no randomness; every usable instance exactly once.
+
+    An image with more than N usable instances fills several consecutive rows (same image,
+    next N instances). The last batch is completed with all-invalid rows. Batches carry
+    BATCH_KEYS plus 'instance_index' int32 [B, N] (index in the example's objects; -1 for
+    padding) and 'image_hw' int32 [B, 2] (original size). prompt_mode: "modal" | "amodal".
+    limit: use only the first `limit` examples.
+    """
+    if prompt_mode not in ("modal", "amodal"):
+        raise ValueError(f"eval prompt_mode must be 'modal' or 'amodal', got {prompt_mode!r}")
+    n = len(source) if limit is None else min(int(limit), len(source))
+
+    def rows(index: int) -> list[dict[str, np.ndarray]]:
+        example = source[index]
+        _check_example(example, f"eval source example {index}")
+        amodal = np.asarray(example["objects"]["amodal_mask"])
+        usable = np.flatnonzero(amodal.reshape(len(amodal), -1).any(axis=1))
+        chunks = [usable[i : i + instances_per_image]
+                  for i in range(0, len(usable), instances_per_image)] or [usable]
+        out = []
+        for chunk in chunks:
+            row = prepare_example(
+                example, None, image_size=image_size, mask_size=mask_size,
+                instances_per_image=instances_per_image, prompt_mode=prompt_mode,
+                image_key=image_key_offset + index, instances=chunk)
+            ids = np.full(instances_per_image, -1, np.int32)
+            ids[: len(chunk)] = chunk
+            row["instance_index"] = np.where(row["valid"], ids, -1).astype(np.int32)
+            row["image_hw"] = np.asarray(np.shape(example["image"])[:2], np.int32)
+            out.append(row)
+        return out
+
+    ds = grain.MapDataset.range(n).map(rows).to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4))
+    return _batched(iter(ds), batch_size)
+
+
+def _batched(row_lists: Iterator[list[dict[str, np.ndarray]]],
+             batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    pending: list[dict[str, np.ndarray]] = []
+    for rows in row_lists:
+        pending.extend(rows)
+        while len(pending) >= batch_size:
+            yield _stack(pending[:batch_size])
+            pending = pending[batch_size:]
+    if pending:
+        filler = {k: np.zeros_like(v) for k, v in pending[0].items()}
+        filler["instance_index"] = np.full_like(pending[0]["instance_index"], -1)
+        filler["image_key"] = np.int32(-1)
+        yield _stack(pending + [filler] * (batch_size - len(pending)))
+
+
+def _stack(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def to_global_batch(batch: Any, sharding: jax.sharding.Sharding) -> Any:
+    """Host-local numpy batch (pytree, leading batch axis) -> global jax.Arrays.
+
+    Uses `jax.make_array_from_process_local_data(sharding, x)` on every leaf, so on several
+    hosts each passes its own slice of the global batch (e.g. a NamedSharding with
+    PartitionSpec('data') over the mesh's data axis).
+    """
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def batch_spec(batch_size: int, image_size: int, mask_size: int,
+               instances_per_image: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of a training batch, key -> (shape, dtype) (for jit tracing)."""
+    b, s, n, size = batch_size, image_size, instances_per_image, mask_size
+    return {
+        "image": ((b, s, s, 3), np.dtype(np.uint8)),
+        "image_key": ((b,), np.dtype(np.int32)),
+        "prompt_boxes": ((b, n, 4), np.dtype(np.float32)),
+        "prompt_is_amodal": ((b, n), np.dtype(bool)),
+        "amodal_masks": ((b, n, size, size), np.dtype(bool)),
+        "visible_masks": ((b, n, size, size), np.dtype(bool)),
+        "occlusion_rate": ((b, n), np.dtype(np.float32)),
+        "valid": ((b, n), np.dtype(bool)),
+    }
+

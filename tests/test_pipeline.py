@@ -1,0 +1,239 @@
+"""grain input pipeline: batch schema, prompts, mask pooling, determinism, resume, devices."""
+
+import json
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from sameo_jax.boxes import boxes_from_masks
+from sameo_jax.data import pipeline
+from sameo_jax.data.demo_scenes import DemoSource
+from sameo_jax.preprocessing import resize_image
+
+S, L, N = 64, 16, 3
+
+
+def _loader(sources, **kw):
+    args = dict(batch_size=4, image_size=S, mask_size=L, instances_per_image=N, seed=0)
+    args.update(kw)
+    return pipeline.make_train_loader(sources, **args)
+
+
+def _equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return DemoSource(24, image_size=96, seed=1)
+
+
+def test_batch_schema_and_contents(demo):
+    it = _loader({"demo": demo}, prompt_mode="random")
+    spec = pipeline.batch_spec(4, S, L, N)
+    amodal_prompts, prompts = 0, 0
+    for _ in range(6):
+        batch = next(it)
+        assert set(batch) == set(pipeline.BATCH_KEYS)
+        for key, (shape, dtype) in spec.items():
+            assert batch[key].shape == shape and batch[key].dtype == dtype, key
+        for b in range(4):
+            ex = demo[int(batch["image_key"][b])]
+            o = ex["objects"]
+            np.testing.assert_array_equal(
+                batch["image"][b], np.clip(np.rint(resize_image(ex["image"], S)), 0, 255))
+            valid = batch["valid"][b]
+            n = int(valid.sum())
+            assert n == min(N, len(o["category_id"]))
+            assert not valid[n:].any()  # padding at the end
+            for j in range(n):
+                # The prompt box is the S-frame image of the instance's modal or amodal box.
+                box = batch["prompt_boxes"][b, j]
+                scaled_a = o["amodal_bbox"] * S / 96
+                scaled_v = o["visible_bbox"] * S / 96
+                table = scaled_a if batch["prompt_is_amodal"][b, j] else scaled_v
+                k = int(np.flatnonzero(np.abs(table - box).max(1) < 1e-4)[0])
+                np.testing.assert_allclose(batch["occlusion_rate"][b, j],
+                                           o["occlusion_rate"][k])
+                # 96 -> 16 is a whole factor of 6: majority of each 6 x 6 cell.
+                cells = o["amodal_mask"][k].reshape(L, 6, L, 6).sum((1, 3))
+                np.testing.assert_array_equal(batch["amodal_masks"][b, j], cells >= 18)
+            assert not batch["amodal_masks"][b, n:].any() and not batch["prompt_boxes"][b, n:].any()
+            assert not np.any(batch["visible_masks"][b] & ~batch["amodal_masks"][b])
+            amodal_prompts += int(batch["prompt_is_amodal"][b, :n].sum())
+            prompts += n
+    # p = 0.5 per prompt; 4-sigma band.
+    assert abs(amodal_prompts / prompts - 0.5) < 4 * np.sqrt(0.25 / prompts)
+    for mode, expected in (("modal", False), ("amodal", True)):
+        batch = next(_loader({"demo": demo}, prompt_mode=mode))
+        assert np.all(batch["prompt_is_amodal"][batch["valid"]] == expected)
+
+
+def test_downsample_masks_is_majority_area_pooling():
+    mask = np.zeros((1, 100, 100), bool)
+    mask[0, :, :50] = True  # left half: cells 0..31 lie in x < 50 (cell width 1.5625)
+    out = pipeline.downsample_masks(mask, 64)
+    assert out[0].all(axis=0)[:32].all() and not out[0].any(axis=0)[32:].any()
+    mask = np.zeros((1, 8, 8), bool)
+    mask[0, 0, 0:2] = True  # half of the top-left 2 x 2 cell
+    mask[0, 2, 2] = True  # a quarter of cell (1, 1)
+    np.testing.assert_array_equal(pipeline.downsample_masks(mask, 4)[0].nonzero(), ([0], [0]))
+
+
+def test_deterministic_resumable_and_thread_independent(demo):
+    first = [next(_loader({"demo": demo})) for _ in range(1)][0]
+    it = _loader({"demo": demo})
+    batches = [next(it) for _ in range(3)]
+    _equal(first, batches[0])
+    state = json.loads(json.dumps(it.get_state()))
+    later = [next(it) for _ in range(2)]
+    resumed = _loader({"demo": demo})
+    resumed.set_state(state)
+    for a, b in zip(later, [next(resumed) for _ in range(2)], strict=True):
+        _equal(a, b)
+    threaded = _loader({"demo": demo}, read_threads=2)
+    for a in batches:
+        _equal(a, next(threaded))
+    other = next(_loader({"demo": demo}, seed=1))
+    assert not np.array_equal(other["image_key"], first["image_key"]) or not np.array_equal(
+        other["prompt_is_amodal"], first["prompt_is_amodal"])
+
+
+def test_orbax_saves_the_iterator_state(demo, tmp_path):
+    it = _loader({"demo": demo})
+    next(it)
+    with ocp.CheckpointManager(tmp_path / "ckpt",
+                               item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as m:
+        m.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        m.wait_until_finished()
+        expected = next(it)
+        restored = _loader({"demo": demo})
+        m.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    _equal(expected, next(restored))
+
+
+def test_mixture_of_two_sources_and_image_keys():
+    big, small = DemoSource(60, image_size=64, seed=2), DemoSource(6, image_size=64, seed=3)
+    it = _loader({"big": big, "small": small}, batch_size=8, mixture="uniform")
+    keys = np.concatenate([next(it)["image_key"] for _ in range(8)])
+    from_small = keys >= 60
+    assert 0.5 - 0.2 < from_small.mean() < 0.5 + 0.2  # 64 draws at p = 0.5
+    assert set(keys[from_small] - 60) == set(range(6))  # one shuffled epoch after another
+    assert keys.max() < 66
+    it = _loader({"big": big, "small": small}, batch_size=8,
+                 mixture={"big": 1.0, "small": 0.0})
+    assert (next(it)["image_key"] < 60).all()
+
+
+def test_box_jitter():
+    boxes = np.array([[10, 20, 50, 40]], np.float32)
+    rng = np.random.default_rng(0)
+    out = np.stack([pipeline.jitter_boxes(boxes, 0.1, rng, (64, 64))[0] for _ in range(400)])
+    assert np.all(out[:, 0] <= out[:, 2]) and np.all(out[:, 1] <= out[:, 3])
+    assert out.min() >= 0 and out.max() <= 64
+    np.testing.assert_allclose(out.mean(0), boxes[0], atol=0.6)
+    np.testing.assert_allclose(out.std(0), [4, 2, 4, 2], rtol=0.2)  # 0.1 * (40, 20)
+    assert np.abs(out - boxes).max(0).tolist() <= [8, 4, 8, 4]
+    np.testing.assert_array_equal(pipeline.jitter_boxes(boxes, 0.0, rng, (64, 64)), boxes)
+
+
+def test_eval_loader_covers_every_instance_once_in_order():
+    src = DemoSource(7, image_size=64, seed=4)
+    batches = list(pipeline.make_eval_loader(src, batch_size=3, image_size=S, mask_size=L,
+                                             instances_per_image=2, prompt_mode="amodal"))
+    again = list(pipeline.make_eval_loader(src, batch_size=3, image_size=S, mask_size=L,
+                                           instances_per_image=2, prompt_mode="amodal"))
+    for a, b in zip(batches, again, strict=True):
+        _equal(a, b)
+    seen = []
+    for batch in batches:
+        assert batch["image"].shape == (3, S, S, 3)
+        for b in range(3):
+            for j in np.flatnonzero(batch["valid"][b]):
+                key, k = int(batch["image_key"][b]), int(batch["instance_index"][b, j])
+                seen.append((key, k))
+                np.testing.assert_allclose(batch["prompt_boxes"][b, j],
+                                           src[key]["objects"]["amodal_bbox"][k])
+            assert (batch["instance_index"][b][~batch["valid"][b]] == -1).all()
+    expected = [(i, k) for i in range(7) for k in range(len(src[i]["objects"]["category_id"]))]
+    assert seen == expected
+    rows = sum(-(-len(src[i]["objects"]["category_id"]) // 2) for i in range(7))
+    assert len(batches) == -(-rows // 3)
+    filler = 3 * len(batches) - rows  # the last batch is completed with empty rows
+    assert filler < 3
+    if filler:
+        assert not batches[-1]["valid"][-filler:].any()
+        assert (batches[-1]["image_key"][-filler:] == -1).all()
+    with pytest.raises(ValueError, match="eval prompt_mode"):
+        pipeline.make_eval_loader(src, batch_size=1, image_size=S, mask_size=L,
+                                  instances_per_image=1, prompt_mode="random")
+
+
+def test_to_global_batch(demo):
+    batch = next(_loader({"demo": demo}))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    placed = pipeline.to_global_batch(batch, sharding)
+    for k in batch:
+        assert isinstance(placed[k], jax.Array) and placed[k].sharding == sharding
+        np.testing.assert_array_equal(np.asarray(placed[k]), batch[k])
+
+
+class _Broken:
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return {"image": np.zeros((8, 8, 3), np.uint8), "objects": {"amodal_mask": 0}}
+
+
+def test_bad_input_errors(demo):
+    with pytest.raises(ValueError, match="source 'bad' example [01]: 'objects' has no field"):
+        next(_loader({"bad": _Broken()}))
+    with pytest.raises(ValueError, match="prompt_mode must be one of"):
+        _loader({"demo": demo}, prompt_mode="box")
+    with pytest.raises(ValueError, match="source 'empty' is empty"):
+        _loader({"empty": DemoSource(0)})
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        _loader({"demo": demo}, batch_size=0)
+
+
+class _Crafted:
+    """One 32 x 32 image: a fully hidden instance, an empty one, a tiny one, a normal one."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        amodal = np.zeros((4, 32, 32), bool)
+        amodal[0, 4:12, 4:12] = True  # fully occluded: visible empty
+        amodal[2, 20, 20] = True  # one pixel: vanishes at L = 8 (4 x 4 cells)
+        amodal[3, 16:32, 0:16] = True
+        visible = amodal.copy()
+        visible[0] = False
+        return {"image": np.full((32, 32, 3), 7, np.uint8), "image_id": np.int64(0),
+                "source": "x",
+                "objects": {"amodal_mask": amodal, "visible_mask": visible,
+                            "amodal_bbox": boxes_from_masks(amodal),
+                            "visible_bbox": boxes_from_masks(visible),
+                            "category_id": np.arange(4), "occlusion_rate":
+                            np.array([1, 0, 0, 0], np.float32)}}
+
+
+def test_edge_instances():
+    batch = next(pipeline.make_train_loader(
+        {"x": _Crafted()}, batch_size=1, image_size=16, mask_size=8, instances_per_image=4,
+        prompt_mode="modal", seed=0))
+    # Rows: instance 0, 2, 3 (the empty instance 1 is never used), then padding.
+    np.testing.assert_array_equal(batch["valid"][0], [True, False, True, False])
+    # Fully hidden -> its amodal box even in modal mode, in the 16-pixel frame.
+    np.testing.assert_array_equal(batch["prompt_is_amodal"][0], [True, False, False, False])
+    np.testing.assert_allclose(batch["prompt_boxes"][0, 0], [2, 2, 6, 6])
+    np.testing.assert_allclose(batch["prompt_boxes"][0, 2], [0, 8, 8, 16])
+    assert not batch["amodal_masks"][0, 1].any()  # the vanished one-pixel instance
+    assert batch["amodal_masks"][0, 2, 4:, :4].all() and batch["amodal_masks"][0, 2].sum() == 16

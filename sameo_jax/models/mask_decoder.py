@@ -16,9 +16,12 @@ GROUP_NORM_EPS = 1e-5
 
 
 class Upsample2x(nn.Module):
-    """Transposed convolution with kernel = stride = 2: [N, h, w, C] -> [N, 2h, 2w, F].
+    """Transposed convolution with kernel = stride = 2, kept in sub-pixel layout.
 
-    out[2i + a, 2j + b, o] = bias[o] + sum_c x[i, j, c] * kernel[a, b, c, o].
+    [..., C] -> [..., 2, 2, F]: out[..., a, b, o] = bias[o] + sum_c x[..., c] kernel[a, b, c, o]
+    is the output pixel (2i + a, 2j + b) of torch's ConvTranspose2d(k=2, s=2) at input pixel
+    (i, j). The pixel shuffle is left to the caller (`shuffle_subpixels`), so large feature
+    maps are never transposed.
     """
 
     features: int
@@ -29,9 +32,18 @@ class Upsample2x(nn.Module):
         c = x.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, c, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        y = jnp.einsum("...hwc,abcf->...hawbf", x.astype(self.dtype), kernel.astype(self.dtype))
-        *lead, h, _, w, _, f = y.shape
-        return y.reshape(*lead, 2 * h, 2 * w, f) + bias.astype(self.dtype)
+        w = kernel.astype(self.dtype).transpose(2, 0, 1, 3).reshape(c, 4 * self.features)
+        y = x.astype(self.dtype) @ w
+        return y.reshape(*x.shape[:-1], 2, 2, self.features) + bias.astype(self.dtype)
+
+
+def shuffle_subpixels(x: jax.Array) -> jax.Array:
+    """[..., h, w, a1, b1, a2, b2] (two nested 2x upsamplings) -> [..., 4h, 4w], row
+    4i + 2 a1 + a2 and column 4j + 2 b1 + b2."""
+    *lead, h, w = x.shape[:-4]
+    x = jnp.moveaxis(x, (-4, -2), (-5, -4))  # [..., h, a1, a2, w, b1, b2]
+    x = x.reshape(*lead, h, 2, 2, w, 2, 2)
+    return x.reshape(*lead, 4 * h, 4 * w)
 
 
 class MaskDecoder(nn.Module):
@@ -67,16 +79,17 @@ class MaskDecoder(nn.Module):
         mask_out = tokens[..., 1:1 + num_masks, :]
 
         x = keys.reshape(b, q, e, e, d)
-        x = Upsample2x(d // 4, dt, name="upscale_conv1")(x)
+        x = Upsample2x(d // 4, dt, name="upscale_conv1")(x)  # [B, Q, E, E, 2, 2, d/4]
         x = nn.GroupNorm(num_groups=1, epsilon=GROUP_NORM_EPS, use_fast_variance=False,
-                         dtype=dt, reduction_axes=(-3, -2, -1), name="upscale_norm")(x)
+                         dtype=dt, reduction_axes=(-5, -4, -3, -2, -1), name="upscale_norm")(x)
         x = gelu(x)
-        x = gelu(Upsample2x(d // 8, dt, name="upscale_conv2")(x))  # [B, Q, 4E, 4E, d/8]
+        x = gelu(Upsample2x(d // 8, dt, name="upscale_conv2")(x))  # [B, Q, E, E, 2, 2, 2, 2, d/8]
 
         hyper_in = jnp.stack(
             [Mlp((d, d), d // 8, dt, name=f"hypernet_{i}")(mask_out[..., i, :])
              for i in range(num_masks)], axis=-2)  # [B, Q, M, d/8]
-        masks = jnp.einsum("bqmc,bqhwc->bqmhw", hyper_in, x)
+        masks = jnp.einsum("bqmc,bqhwijklc->bqmhwijkl", hyper_in, x)
+        masks = shuffle_subpixels(masks)  # [B, Q, M, 4E, 4E]
         iou = Mlp((cfg.iou_head_hidden, cfg.iou_head_hidden), num_masks, dt,
                   name="iou_head")(iou_out)
         return masks.astype(jnp.float32), iou.astype(jnp.float32), hyper_in, tokens

@@ -1,0 +1,219 @@
+"""Speed of sameo-jax, each time set against its FLOP floor measured in the same run.
+
+    python benchmarks/run.py [--quick] [--json OUT.json] [--repeats 5]
+
+Rows: image encoder (ViT-T, ViT-S) at 1024x1024; prompt encoder + mask decoder for 1, 16 and
+64 boxes, low-res only and with the bicubic upsample to a 603x1072 image; one decoder-only
+training step with cached embeddings and one that runs the frozen encoder. Each time is the
+median of `--repeats` runs after a warm-up (compile excluded). FLOPs come from XLA's cost
+analysis of the compiled call; the floor is FLOPs / the matmul rate measured right before
+each row in the same run, so the ratio `x floor` is comparable across noisy machines. `--quick` measures
+ViT-T and the decoder only. Weights are random: timings do not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sameo_jax import preprocessing as pp
+from sameo_jax.models.efficient_sam import EfficientSam, model_config, param_shapes
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # for configs/
+
+IMAGE_HW = (603, 1072)  # the reference image's size, for the upsample rows
+
+
+def random_params(config, seed: int = 0) -> Any:
+    """Parameters of the right shapes drawn with numpy (no model init to compile)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda s: jnp.asarray((0.02 * rng.standard_normal(s.shape)).astype(np.float32)),
+        param_shapes(config))
+
+
+def time_call(fn: Callable, args: tuple, repeats: int) -> float:
+    """Median wall time of fn(*args) after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compiled_flops(jitted: Callable, args: tuple) -> tuple[Callable, float]:
+    compiled = jitted.lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return compiled, float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def matmul_rate(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
+    """Measured FLOP/s of an n x n matmul (the machine's practical peak for dense math)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    f = jax.jit(lambda x: x @ x)
+    return 2 * n**3 / time_call(f, (a,), repeats)
+
+
+class Table:
+    """Rows of (time, FLOPs, floor). The matmul rate is measured again right before each
+    row is timed, so a load change on a shared machine moves both sides of the ratio."""
+
+    def __init__(self, device: str):
+        self.device, self.rows = device, []
+
+    def add(self, name: str, fn: Callable, args: tuple, flops: float, repeats: int,
+            note: str = "") -> None:
+        rate = matmul_rate(repeats=3)
+        seconds = time_call(fn, args, repeats)
+        floor = flops / rate
+        row = {"name": name, "seconds": seconds, "gflops": flops / 1e9,
+               "floor_seconds": floor, "matmul_gflops_per_s": rate / 1e9,
+               "device": self.device, "note": note}
+        self.rows.append(row)
+        ratio = seconds / floor if floor else float("nan")
+        print(f"{name:<28} {seconds * 1e3:10.1f} ms {flops / 1e9:9.2f} GFLOP "
+              f"{rate / 1e9:7.1f} {floor * 1e3:9.1f} ms {ratio:7.2f}x  {note}", flush=True)
+
+
+def bench_encoder(table: Table, variant: str, repeats: int, dtype: str = "float32") -> None:
+    config = model_config(variant, dtype=dtype)
+    model = EfficientSam(config)
+    params = random_params(config)
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1024, 1024, 3)),
+                         jnp.float32)
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EfficientSam.encode))
+    compiled, flops = compiled_flops(fn, (params, images))
+    suffix = "" if dtype == "float32" else f"_{dtype}"
+    table.add(f"encoder_{variant}{suffix}", compiled, (params, images), flops, repeats,
+              "1x3x1024x1024")
+
+
+def bench_decoder(table: Table, repeats: int) -> None:
+    config = model_config("vitt")
+    model = EfficientSam(config)
+    params = random_params(config)
+    rng = np.random.default_rng(1)
+    emb = jnp.asarray(rng.standard_normal((1, 64, 64, 256)), jnp.float32)
+    h, w = IMAGE_HW
+
+    def decode(p, e, pts, lab):
+        logits, iou = model.apply({"params": p}, e, pts, lab, method=EfficientSam.decode)
+        return logits, iou
+
+    def decode_upsampled(p, e, pts, lab):
+        logits, iou = decode(p, e, pts, lab)
+        return pp.upsample_logits(logits, (h, w)) >= 0, iou
+
+    for q in (1, 16, 64):
+        xy = rng.uniform(0, 500, (1, q, 2)).astype(np.float32)
+        boxes = np.concatenate([xy, xy + rng.uniform(20, 500, (1, q, 2))], -1)
+        pts, lab = pp.boxes_to_prompts(pp.rescale_points(boxes.reshape(1, q, 2, 2), (h, w))
+                                       .reshape(1, q, 4))
+        args = (params, emb, jnp.asarray(pts), jnp.asarray(lab))
+        for name, fn in ((f"decoder_boxes_{q}", decode),
+                         (f"decoder_boxes_{q}_upsampled", decode_upsampled)):
+            compiled, flops = compiled_flops(jax.jit(fn), args)
+            note = "low-res 256x256" if fn is decode else f"3 masks at {h}x{w}"
+            table.add(name, compiled, args, flops, repeats, note)
+
+
+def bench_train_steps(table: Table, repeats: int) -> None:
+    """Decoder-only SAMEO step (ViT-T, 2 images x 8 boxes) with and without cached
+    embeddings."""
+    from configs import sameo as sameo_configs
+    from sameo_jax.training.optimizer import (
+        learning_rate_schedule,
+        make_optimizer,
+        trainable_labels,
+    )
+    from sameo_jax.training.state import TrainState
+    from sameo_jax.training.step import make_train_step
+
+    config = sameo_configs.get_config("vitt")
+    b, n = 2, 8
+    config.batch_size = b
+    model_cfg = model_config("vitt")
+    model = EfficientSam(model_cfg)
+    params = random_params(model_cfg)
+    labels = trainable_labels(params, config.trainable)
+    tx = make_optimizer(config, labels)
+    schedule = learning_rate_schedule(config)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    step = make_train_step(model, config, labels, tx, schedule, mesh)
+    rng = np.random.default_rng(2)
+    xy = rng.uniform(0, 600, (b, n, 2)).astype(np.float32)
+    batch = {
+        "prompt_boxes": np.concatenate([xy, xy + 200], -1),
+        "amodal_masks": rng.random((b, n, 256, 256)) > 0.5,
+        "visible_masks": rng.random((b, n, 256, 256)) > 0.7,
+        "valid": np.ones((b, n), bool),
+        "image": rng.integers(0, 256, (b, 1024, 1024, 3), dtype=np.uint8),
+    }
+    cached = dict(batch, embedding=rng.standard_normal((b, 64, 64, 256)).astype(np.float32))
+    del cached["image"]
+    for name, data in (("train_step_cached", cached), ("train_step_encoder", batch)):
+        state = TrainState.create(params, tx, 0)
+        data = jax.tree_util.tree_map(jnp.asarray, data)
+        compiled, flops = compiled_flops(step, (state, data))
+        holder = {"state": state}
+
+        def run(d, compiled=compiled, holder=holder):
+            holder["state"], metrics = compiled(holder["state"], d)
+            return metrics["loss"]
+
+        table.add(name, run, (data,), flops, repeats, f"{b} images x {n} boxes")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="ViT-T and the decoder only")
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    device = jax.devices()[0]
+    device_name = f"{device.platform}:{device.device_kind}"
+    if device.platform != "cpu":  # compare with float32 goldens at full precision
+        jax.config.update("jax_default_matmul_precision", "highest")
+    print(f"device {device_name} x{jax.device_count()}; 'rate' is the f32 matmul GFLOP/s "
+          "measured just before each row, 'floor' = work / rate")
+    print(f"{'name':<28} {'time':>13} {'work':>15} {'rate':>7} {'floor':>12} {'ratio':>8}")
+    table = Table(device_name)
+    bench_encoder(table, "vitt", args.repeats)
+    if not args.quick:
+        bench_encoder(table, "vits", args.repeats)
+        if device.platform != "cpu":
+            bench_encoder(table, "vitt", args.repeats, "bfloat16")
+            bench_encoder(table, "vits", args.repeats, "bfloat16")
+    bench_decoder(table, args.repeats)
+    if not args.quick:
+        bench_train_steps(table, args.repeats)
+    rows = {r["name"]: r for r in table.rows}
+    if "decoder_boxes_16" in rows:
+        per_box = ((rows["decoder_boxes_64"]["seconds"] - rows["decoder_boxes_16"]["seconds"])
+                   / 48)
+        print(f"decoder cost per extra box (16 -> 64): {per_box * 1e3:.1f} ms")
+    if "train_step_cached" in rows:
+        speedup = rows["train_step_encoder"]["seconds"] / rows["train_step_cached"]["seconds"]
+        print(f"train step speed-up from cached embeddings: {speedup:.1f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(table.rows, f, indent=1)
+    return table.rows
+
+
+if __name__ == "__main__":
+    main()

@@ -7,8 +7,9 @@ Rows: image encoder (ViT-T, ViT-S) at 1024x1024; prompt encoder + mask decoder f
 training step with cached embeddings and one that runs the frozen encoder. Each time is the
 median of `--repeats` runs after a warm-up (compile excluded). FLOPs come from XLA's cost
 analysis of the compiled call; the floor is FLOPs / the matmul rate measured right before
-each row in the same run, so the ratio `x floor` is comparable across noisy machines. `--quick` measures
-ViT-T and the decoder only. Weights are random: timings do not depend on their values.
+each row in the same run, so the ratio `x floor` is comparable across noisy machines.
+`--quick` measures ViT-T and the decoder only. Weights are random: timings do not depend on
+their values.
 """
 
 from __future__ import annotations

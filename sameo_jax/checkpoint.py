@@ -346,7 +346,7 @@ def load_model(path: str | os.PathLike, variant: str | None = None
             if variant is None:
                 raise CheckpointError(f"{path}: no model config stored; pass the variant")
             config = model_config(variant)
-        elif variant is not None and config != model_config(variant, dtype=config.dtype):
+        elif variant is not None and config.structure() != model_config(variant).structure():
             raise CheckpointError(f"{path}: the stored model is not {_pretty(variant)}")
         expected = {k: tuple(v.shape) for k, v in _flatten(param_shapes(config)).items()}
         got = {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}

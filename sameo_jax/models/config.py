@@ -28,6 +28,9 @@ class EfficientSamConfig:
     iou_head_hidden: int = 256
     max_num_points: int = 6
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    # Encoder attention runs this many queries at a time (0: all at once). Same result;
+    # on CPU chunks of 256 keep the logits in cache (about 2x faster at 4096 tokens).
+    encoder_attention_chunk: int = 256
 
     @property
     def embedding_size(self) -> int:
@@ -42,6 +45,11 @@ class EfficientSamConfig:
     @property
     def compute_dtype(self) -> Any:
         return jnp.dtype(self.dtype)
+
+    def structure(self) -> EfficientSamConfig:
+        """The config with compute-only fields (dtype, chunking) at their defaults: two
+        configs with equal structure have interchangeable parameters."""
+        return dataclasses.replace(self, dtype="float32", encoder_attention_chunk=256)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -35,13 +35,14 @@ class EncoderBlock(nn.Module):
     num_heads: int
     mlp_ratio: float
     dtype: Any = jnp.float32
+    query_chunk: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = layer_norm(ENCODER_LN_EPS, self.dtype, "norm1")(x)
         qkv = nn.Dense(3 * self.width, dtype=self.dtype, name="qkv")(h)
         q, k, v = jnp.split(qkv, 3, axis=-1)
-        h = attention(q, k, v, self.num_heads)
+        h = attention(q, k, v, self.num_heads, query_chunk=self.query_chunk)
         x = x + nn.Dense(self.width, dtype=self.dtype, name="proj")(h)
         h = layer_norm(ENCODER_LN_EPS, self.dtype, "norm2")(x)
         h = gelu(nn.Dense(int(self.width * self.mlp_ratio), dtype=self.dtype, name="fc1")(h))
@@ -73,7 +74,7 @@ class ImageEncoder(nn.Module):
         x = x.reshape(b, gh * gw, c)
         for i in range(cfg.encoder_depth):
             x = EncoderBlock(cfg.encoder_width, cfg.encoder_heads, cfg.mlp_ratio, dtype,
-                             name=f"blocks_{i}")(x)
+                             cfg.encoder_attention_chunk or None, name=f"blocks_{i}")(x)
         x = x.reshape(b, gh, gw, c)
         x = nn.Dense(cfg.embed_dim, use_bias=False, dtype=dtype, name="neck_conv1")(x)
         x = layer_norm(ENCODER_LN_EPS, dtype, "neck_norm1")(x)

@@ -19,14 +19,25 @@ def layer_norm(eps: float, dtype: Any, name: str | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
+              query_chunk: int | None = None) -> jax.Array:
     """Multi-head attention on projected inputs.
 
     q [..., T, D], k [..., S, D], v [..., S, D] -> [..., T, D] (leading dims broadcast).
     Heads are contiguous chunks of D; logits are scaled by 1 / sqrt(D / num_heads);
     softmax over keys in float32. Heads are moved in front of the token axis before the two
     matmuls: XLA's CPU backend runs that layout about 1.5x faster than a head-inner einsum.
+
+    query_chunk: when set and dividing T, queries are processed `query_chunk` at a time
+    (`lax.map`), so each chunk's [H, chunk, S] logits stay in cache; rows of a softmax are
+    independent, so the result is the same.
     """
+    t = q.shape[-2]
+    if query_chunk is not None and t > query_chunk and t % query_chunk == 0:
+        chunks = jnp.moveaxis(q.reshape(*q.shape[:-2], t // query_chunk, query_chunk,
+                                        q.shape[-1]), -3, 0)
+        out = jax.lax.map(lambda qc: attention(qc, k, v, num_heads), chunks)
+        return jnp.moveaxis(out, 0, -3).reshape(q.shape)
     d = q.shape[-1]
     hd = d // num_heads
 

@@ -93,7 +93,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     )
 
 
-def make_optimizer(config: ml_collections.ConfigDict, labels: Params) -> optax.GradientTransformation:
+def make_optimizer(
+    config: ml_collections.ConfigDict, labels: Params
+) -> optax.GradientTransformation:
     """AdamW (+ global-norm clipping) on 'trainable' leaves; `set_to_zero` on 'frozen' ones.
 
     `optax.masked(adamw, mask)` alone would pass the raw gradients of masked-out leaves through

@@ -8,7 +8,6 @@ runs through a frozen part (a frozen image encoder's forward is all it costs).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,33 +35,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def jitter_boxes(key: jax.Array, boxes: jax.Array, scale: float, size: int) -> jax.Array:
-    """Random box noise (SAM practice): each coordinate moves by a normal with std `scale` x the
-    box side along its axis, clipped at 2 std; result clipped to [0, size] and kept xyxy.
-
-    boxes: [..., 4] xyxy in the model-input frame (size pixels).
-    """
-    wh = boxes[..., 2:] - boxes[..., :2]
-    side = jnp.concatenate([wh, wh], axis=-1)
-    noise = jnp.clip(jax.random.normal(key, boxes.shape), -2.0, 2.0) * scale * side
-    b = jnp.clip(boxes + noise, 0.0, float(size))
-    lo = jnp.minimum(b[..., :2], b[..., 2:])
-    hi = jnp.maximum(b[..., :2], b[..., 2:])
-    return jnp.concatenate([lo, hi], axis=-1)
-
-
 def _target_masks(batch: Batch, target: str) -> jax.Array:
     if target not in TARGETS:
         raise ValueError(f"config.target={target!r}: expected one of {TARGETS}")
     return batch["amodal_masks"] if target == "amodal" else batch["visible_masks"]
 
 
-def _embeddings(model: EfficientSam, params: Params, batch: Batch) -> jax.Array:
+def _embeddings(model: EfficientSam, params: Params, batch: Batch, rngs=None) -> jax.Array:
     """[B, E, E, D]: the batch's cached 'embedding' if present, else encode its 'image'."""
     if "embedding" in batch:
         return batch["embedding"]
     images = normalize_image(batch["image"])
-    return model.apply({"params": params}, images, method=EfficientSam.encode)
+    return model.apply({"params": params}, images, method=EfficientSam.encode, rngs=rngs)
 
 
 def make_train_step(
@@ -79,23 +63,20 @@ def make_train_step(
     'prompt_boxes' [B, N, 4], 'amodal_masks' / 'visible_masks' bool [B, N, L, L], 'valid'.
     """
     multimask = config.mask_selection != "single"
-    size = model.config.img_size
 
     def train_step(state: TrainState, batch: Batch):
-        key = state.step_key()
+        # Per-step randomness for stochastic layers (dropout and the like), if the model has any.
+        rngs = {"dropout": state.step_key()}
         trainable, frozen = split_params(state.params, labels)
-        boxes = batch["prompt_boxes"]
-        if config.box_jitter > 0:
-            boxes = jitter_boxes(key, boxes, config.box_jitter, size)
-        points, point_labels = boxes_to_prompts(boxes)
+        points, point_labels = boxes_to_prompts(batch["prompt_boxes"])
         target = _target_masks(batch, config.target)
 
         def loss_fn(trainable_params):
             params = merge_params(trainable_params, frozen)
-            emb = _embeddings(model, params, batch)
+            emb = _embeddings(model, params, batch, rngs)
             logits, iou = model.apply(
                 {"params": params}, emb, points, point_labels,
-                multimask_output=multimask, method=EfficientSam.decode,
+                multimask_output=multimask, method=EfficientSam.decode, rngs=rngs,
             )
             out = losses.sameo_loss(
                 logits, iou, target, batch["valid"],
@@ -171,5 +152,5 @@ def make_eval_step(
     return jax.jit(
         eval_step,
         in_shardings=(replicated(mesh), batch_sharding(mesh)),
-        out_shardings=batch_sharding(mesh),
+        out_shardings=replicated(mesh),  # small; every process reads all of it
     )

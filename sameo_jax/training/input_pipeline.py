@@ -1,0 +1,106 @@
+"""The training loop's input: config.data -> sources -> `sameo_jax.data.pipeline` loaders.
+
+Batches follow the training-batch schema (numpy, this process's share of the global batch);
+see `sameo_jax.data.pipeline`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from sameo_jax.data import pipeline
+from sameo_jax.data.sources import demo_source, open_source
+from sameo_jax.models.config import EfficientSamConfig
+
+
+def open_sources(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
+    """name -> random-access source of `split` for every name in config.data.sources.
+
+    'demo' without a data_dir is the procedural data set (sizes from config.data). A data set
+    missing from data_dir raises the data module's error (it names the build command).
+    """
+    data = config.data
+    if not data.sources:
+        raise ValueError("config.data.sources is empty; name at least one data set")
+    out = {}
+    for name in data.sources:
+        if name == "demo" and not data.data_dir:
+            n = data.demo_train_examples if split == data.train_split else data.demo_eval_examples
+            out[name] = demo_source(split, num_examples=n)
+        else:
+            out[name] = open_source(name, split, data.data_dir or None)
+    return out
+
+
+def _mixture(config: ml_collections.ConfigDict) -> str | dict[str, float]:
+    """config.data.mixture: a rule name, or explicit weights in config.data.mixture_weights."""
+    weights = tuple(config.data.mixture_weights)
+    if not weights:
+        return config.data.mixture
+    if len(weights) != len(config.data.sources):
+        raise ValueError(
+            f"config.data.mixture_weights has {len(weights)} values for "
+            f"{len(config.data.sources)} sources {tuple(config.data.sources)}"
+        )
+    return dict(zip(config.data.sources, weights, strict=True))
+
+
+def _per_process_batch(config: ml_collections.ConfigDict) -> int:
+    if config.batch_size % jax.process_count():
+        raise ValueError(
+            f"config.batch_size={config.batch_size} must divide by the {jax.process_count()} "
+            "processes"
+        )
+    return config.batch_size // jax.process_count()
+
+
+def train_iterator(config: ml_collections.ConfigDict, model_cfg: EfficientSamConfig) -> Iterator:
+    """Endless, shuffled, mixed, resumable (get_state / set_state) training batches.
+
+    Each process draws its own stream (its seed folds in the process index).
+    """
+    seed = config.seed if jax.process_count() == 1 else config.seed * 100_003 + jax.process_index()
+    return pipeline.make_train_loader(
+        open_sources(config, config.data.train_split),
+        batch_size=_per_process_batch(config),
+        image_size=model_cfg.img_size,
+        mask_size=model_cfg.low_res_size,
+        instances_per_image=config.instances_per_image,
+        prompt_mode=config.prompt_mode,
+        box_jitter=config.box_jitter,
+        mixture=_mixture(config),
+        seed=seed,
+        worker_count=config.data.num_workers,
+    )
+
+
+def eval_passes(
+    config: ml_collections.ConfigDict, model_cfg: EfficientSamConfig
+) -> dict[str, Callable[[], Iterator[dict[str, np.ndarray]]]]:
+    """name -> function giving one ordered pass over that source's eval split (fixed
+    `eval_prompt_mode` prompts), as this process's rows of each global batch."""
+    per_process = _per_process_batch(config)
+    lo = jax.process_index() * per_process
+    limit = config.data.eval_examples or None
+
+    def passes(source: Any) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+        def one_pass() -> Iterator[dict[str, np.ndarray]]:
+            for batch in pipeline.make_eval_loader(
+                source,
+                batch_size=config.batch_size,
+                image_size=model_cfg.img_size,
+                mask_size=model_cfg.low_res_size,
+                instances_per_image=config.instances_per_image,
+                prompt_mode=config.eval_prompt_mode,
+                limit=limit,
+            ):
+                yield {k: v[lo : lo + per_process] for k, v in batch.items()}
+
+        return one_pass
+
+    return {name: passes(s) for name, s in open_sources(config, config.data.eval_split).items()}

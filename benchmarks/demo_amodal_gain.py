@@ -36,7 +36,7 @@ from sameo_jax.training.loop import train_and_evaluate  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the three training runs.")
 _MODAL_STEPS = flags.DEFINE_integer("modal_steps", 600, "Steps of stage 1 (modal targets).")
-_SAMEO_STEPS = flags.DEFINE_integer("sameo_steps", 400, "Steps of stage 2 (decoder only).")
+_SAMEO_STEPS = flags.DEFINE_integer("sameo_steps", 1500, "Steps of stage 2 (decoder only).")
 _AMODAL_STEPS = flags.DEFINE_integer("amodal_steps", 600, "Steps of stage 3 (0: skip it).")
 flags.mark_flag_as_required("workdir")
 

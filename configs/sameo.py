@@ -41,14 +41,16 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
     # What learns (SAMEO: the mask decoder only; the image and prompt encoders stay frozen).
     c.trainable = ("mask_decoder/",)
 
-    # Data: the sources the data pipeline opens (see sameo_jax.data), their mixture weights,
-    # and where the built TFDS data sets live.
+    # Data: the data sets to train on (built TFDS data sets under data_dir, or 'demo': the
+    # procedural one, no build needed), how they mix, and where they live ('' = default).
     c.data = ml_collections.ConfigDict()
     c.data.sources = ("demo",)
-    c.data.weights = (1.0,)
+    c.data.mixture = "log_proportional"  # log_proportional | proportional | uniform
+    c.data.mixture_weights = ()  # explicit weights, one per source (overrides `mixture`)
     c.data.data_dir = ""
     c.data.train_split = "train"
     c.data.eval_split = "validation"
+    c.data.eval_examples = 0  # evaluate on the first this many examples (0: all)
     c.data.demo_train_examples = 2000  # size of the procedural data set's splits
     c.data.demo_eval_examples = 200
     c.data.num_workers = 0  # grain worker processes (0: in the main process)
@@ -56,7 +58,7 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
     # Prompts and targets.
     c.prompt_mode = "random"  # random: modal or amodal box with p=0.5 | modal | amodal
     c.eval_prompt_mode = "modal"  # boxes a modal detector would give
-    c.box_jitter = 0.0  # box-noise std as a fraction of the box side (0: off)
+    c.box_jitter = 0.0  # box-noise std as a fraction of the box side (0: off; SAM uses 0.1)
     c.target = "amodal"  # amodal (SAMEO) | modal (visible masks: the modal baseline)
     c.instances_per_image = 4  # padded with invalid instances that contribute nothing
     c.mask_selection = "min_loss"  # min_loss (SAM) | first | single
@@ -87,8 +89,7 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 1000
     c.max_to_keep = 3
-    c.eval_every = 1000  # 0: evaluate only at the end
-    c.eval_batches = 0  # 0: the whole eval split
+    c.eval_every = 1000  # 0: evaluate only at the end; < 0: never
     c.eval_occluded_min = 0.1  # an instance counts as occluded from this occlusion rate
     c.progress_bar = True
     c.async_checkpoints = True

@@ -72,7 +72,9 @@ def test_min_loss_selection_and_iou_l1():
 
 def test_first_selection_trains_candidate_zero():
     logits, pred_iou, target, valid = _batch()
-    out = losses.sameo_loss(logits, pred_iou, target, valid, mask_selection="first", focal_alpha=None)
+    out = losses.sameo_loss(
+        logits, pred_iou, target, valid, mask_selection="first", focal_alpha=None
+    )
     assert int(out.selected[0, 0]) == 0
     assert float(out.dice) == pytest.approx(0.5)
     assert float(out.focal) == pytest.approx(0.25 * LN2, rel=1e-6)

@@ -1,0 +1,226 @@
+"""Training: freezing, the sharded step on 8 fake devices, resume, learning, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs.sameo import get_config
+from sameo_jax.training import loop, optimizer
+from sameo_jax.training.checkpointing import TrainCheckpointer, abstract_like
+from sameo_jax.training.state import TrainState
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+N_STEPS = 12
+RESUME_AT = 5
+
+# A model smaller than 'tiny': 64 px input, 4x4 embedding grid, 16x16 masks.
+MICRO = dict(img_size=64, encoder_width=32, encoder_depth=1, encoder_heads=2, embed_dim=32,
+             decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64, iou_head_hidden=32)
+
+
+def micro_config(**overrides):
+    c = get_config("demo")
+    c.model.overrides.update(MICRO)
+    c.trainable = ("mask_decoder/",)
+    c.data.demo_train_examples = 64
+    c.data.demo_eval_examples = 8
+    c.batch_size = 8
+    c.instances_per_image = 2
+    c.total_steps = N_STEPS
+    c.lr = 3e-3
+    c.warmup_steps = 0
+    c.lr_schedule = "constant"
+    c.log_every = 1
+    c.checkpoint_every = 100
+    c.eval_every = -1
+    c.progress_bar = False
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def read_metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def toy_params():
+    return {
+        "image_encoder": {"w": jnp.ones(3)},
+        "prompt_encoder": {"pe": {"b": jnp.full(2, -0.0)}},
+        "mask_decoder": {"k": jnp.ones((2, 2)), "iou_head": {"b": jnp.zeros(2)}},
+    }
+
+
+def test_optimizer_freezes_unmatched_paths():
+    params = toy_params()
+    labels = optimizer.trainable_labels(params, ("mask_decoder/",))
+    assert labels["image_encoder"]["w"] == optimizer.FROZEN
+    assert labels["mask_decoder"]["iou_head"]["b"] == optimizer.TRAINABLE
+    c = micro_config()
+    tx = optimizer.make_optimizer(c, labels)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)  # even given gradients, frozen leaves stay
+    p = params
+    for _ in range(3):
+        updates, state = tx.update(grads, state, p)
+        p = optax.apply_updates(p, updates)
+    for path in (("image_encoder", "w"), ("prompt_encoder", "pe", "b")):
+        before, after = params, p
+        for k in path:
+            before, after = before[k], after[k]
+        assert np.array_equal(np.asarray(before), np.asarray(after))
+    assert np.all(np.asarray(p["mask_decoder"]["k"]) < 1.0)
+    # The split used by the train step differentiates only the trainable subtree.
+    trainable, frozen = optimizer.split_params(params, labels)
+    assert set(trainable) == {"mask_decoder"}
+    assert set(frozen) == {"image_encoder", "prompt_encoder"}
+    merged = optimizer.merge_params(trainable, frozen)
+    assert jax.tree.structure(merged) == jax.tree.structure(params)
+
+
+def test_trainable_pattern_errors():
+    with pytest.raises(ValueError, match="'mask_decodr/' matches no parameter"):
+        optimizer.trainable_labels(toy_params(), ("mask_decodr/",))
+    with pytest.raises(ValueError, match="invalid pattern"):
+        optimizer.trainable_labels(toy_params(), ("mask_decoder/(",))
+    everything = optimizer.trainable_labels(toy_params(), (".*",))
+    assert set(jax.tree.leaves(everything)) == {optimizer.TRAINABLE}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """An uninterrupted N-step decoder-only run, its initial params and its workdir."""
+    workdir = tmp_path_factory.mktemp("full")
+    c = micro_config()
+    init = loop.initial_params(c, loop.build_model_config(c))
+    state = loop.train_and_evaluate(c, workdir)
+    return c, jax.device_get(init), jax.device_get(state), workdir
+
+
+def test_frozen_params_bit_identical_decoder_changed(full_run):
+    _, init, state, _ = full_run
+    assert int(state.step) == N_STEPS
+    for name in ("image_encoder", "prompt_encoder"):
+        for a, b in zip(jax.tree.leaves(init[name]), jax.tree.leaves(state.params[name]),
+                        strict=True):
+            assert a.tobytes() == b.tobytes()
+    changed = [not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(init["mask_decoder"]), jax.tree.leaves(state.params["mask_decoder"]),
+        strict=True)]
+    # Most of the decoder moved; the single-mask token's hypernetwork cannot (multimask
+    # training never uses it), nor can a candidate's that never had the lowest loss.
+    assert np.mean(changed) > 0.6, np.mean(changed)
+
+
+def test_metrics_and_checkpoints_written(full_run):
+    c, _, state, workdir = full_run
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records] == list(range(1, N_STEPS + 1))
+    for key in ("loss", "dice", "focal", "iou_l1", "lr", "steps_per_s", "examples_per_s"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert records[0]["lr"] == pytest.approx(c.lr)
+    assert list(pathlib.Path(workdir).glob("events.out.tfevents.*"))
+    # The lead's loader reads the params of the latest step from this layout.
+    from sameo_jax.checkpoint import load_model
+
+    model_cfg, params = load_model(workdir)
+    assert model_cfg == loop.build_model_config(c)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_loss_decreases_on_demo_data(full_run):
+    _, _, _, workdir = full_run
+    losses = [r["loss"] for r in read_metrics(workdir)]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.02, losses
+
+
+def test_resume_equals_uninterrupted_run(full_run, tmp_path):
+    c, _, full_state, _ = full_run
+    loop.train_and_evaluate(micro_config(total_steps=RESUME_AT), tmp_path)
+    resumed = jax.device_get(loop.train_and_evaluate(micro_config(), tmp_path))
+    assert int(resumed.step) == N_STEPS
+    for a, b in zip(jax.tree.leaves(full_state), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Both runs logged their own steps; the data stream continued where it stopped.
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, N_STEPS + 1))
+    full_losses = [r["loss"] for r in read_metrics(full_run[3])]
+    assert [r["loss"] for r in read_metrics(tmp_path)] == full_losses
+
+
+EIGHT_DEVICES = textwrap.dedent("""
+    import sys
+    import jax
+    assert jax.device_count() == 8, jax.devices()
+    sys.path.insert(0, {tests!r})
+    from test_training import micro_config
+    from sameo_jax.training import loop
+    loop.train_and_evaluate(micro_config(), {workdir!r})
+""")
+
+
+def test_eight_devices_match_one_device(full_run, tmp_path):
+    _, _, _, workdir = full_run
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    code = EIGHT_DEVICES.format(tests=str(REPO / "tests"), workdir=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [r["loss"] for r in read_metrics(workdir)]
+    eight = [r["loss"] for r in read_metrics(tmp_path)]
+    np.testing.assert_allclose(eight, one, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_init_checkpoint_is_clear(tmp_path):
+    c = micro_config(init_checkpoint=str(tmp_path / "nope.pt"))
+    with pytest.raises(FileNotFoundError, match="config.init_checkpoint: .*nope.pt does not exist"):
+        loop.train_and_evaluate(c, tmp_path / "wd")
+
+
+def test_missing_data_set_names_the_build(tmp_path):
+    c = micro_config()
+    c.data.sources = ("cocoa",)
+    c.data.data_dir = str(tmp_path)
+    with pytest.raises((FileNotFoundError, ValueError), match="cocoa"):
+        loop.train_and_evaluate(c, tmp_path / "wd")
+
+
+def test_nan_loss_stops_with_step_and_good_checkpoint(tmp_path):
+    c = micro_config(lr=1e12, grad_clip_norm=0.0, checkpoint_every=1, total_steps=8,
+                     async_checkpoints=False)
+    with pytest.raises(FloatingPointError, match=r"at step (\d+).*Last good checkpoint: step"):
+        loop.train_and_evaluate(c, tmp_path)
+    ckpt = TrainCheckpointer(tmp_path, c.max_to_keep)
+    good = ckpt.latest_step()
+    assert good is not None and good >= 1
+    model_cfg = loop.build_model_config(c)
+    params = loop.initial_params(c, model_cfg)
+    labels = optimizer.trainable_labels(params, c.trainable)
+    tx = optimizer.make_optimizer(c, labels)
+    restored = ckpt.restore(abstract_like(TrainState.create(params, tx, 0)), model_cfg, None)
+    ckpt.close()
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.params))
+    records = read_metrics(tmp_path)
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert records[-1]["step"] == good

@@ -1,0 +1,35 @@
+r"""Train SAMEO. All logic lives in `sameo_jax.training.loop.train_and_evaluate`.
+
+  python train.py --config configs/sameo.py:demo --workdir workdir_demo
+  python train.py --config configs/sameo.py:vitt --workdir DIR --config.init_checkpoint=PATH
+  python train.py --config configs/sameo.py:demo --workdir DIR --config.lr=1e-4
+
+The same --workdir resumes from its latest checkpoint. A misspelt --config.key is an error.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sameo_jax.training.loop import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, e.g. configs/sameo.py:demo.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)

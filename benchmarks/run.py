@@ -143,8 +143,8 @@ def bench_decoder(table: Table, repeats: int) -> None:
 
 
 def bench_train_steps(table: Table, repeats: int) -> None:
-    """Decoder-only SAMEO step (ViT-T, 2 images x 8 boxes) with and without cached
-    embeddings."""
+    """Decoder-only SAMEO step (ViT-T config: 2 images x `instances_per_image` boxes) with
+    and without cached embeddings."""
     from configs import sameo as sameo_configs
     from sameo_jax.training.optimizer import (
         learning_rate_schedule,
@@ -155,7 +155,7 @@ def bench_train_steps(table: Table, repeats: int) -> None:
     from sameo_jax.training.step import make_train_step
 
     config = sameo_configs.get_config("vitt")
-    b, n = 2, 8
+    b, n = 2, config.instances_per_image
     config.batch_size = b
     model_cfg = model_config("vitt")
     params = random_params(model_cfg)
@@ -180,7 +180,8 @@ def bench_train_steps(table: Table, repeats: int) -> None:
     cached = dict(batch, embedding=rng.standard_normal((b, 64, 64, 256)).astype(np.float32))
     del cached["image"]
     for name, data in (("train_step_cached", cached), ("train_step_encoder", batch)):
-        state = TrainState.create(params, tx, 0)
+        # Fresh buffers: the step donates its state.
+        state = TrainState.create(jax.tree_util.tree_map(jnp.copy, params), tx, 0)
         data = jax.tree_util.tree_map(jnp.asarray, data)
         compiled = step.lower(state, data).compile()
         flops = xla_flops(flop_step, (state, data))

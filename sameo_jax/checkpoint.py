@@ -317,9 +317,11 @@ def _restore_orbax(directory: pathlib.Path) -> tuple[EfficientSamConfig | None, 
         step = manager.latest_step()
         if step is None:
             raise CheckpointError(f"{directory}: no checkpoint steps found in this directory")
-        items = set(manager.item_metadata(step).keys()) if manager.item_metadata(step) else set()
+        step_dir = pathlib.Path(manager.directory) / str(step)
+        if not (step_dir / PARAMS_ITEM).is_dir():
+            raise CheckpointError(f"{step_dir}: no '{PARAMS_ITEM}' item in this checkpoint")
         wanted = {PARAMS_ITEM: ocp.args.StandardRestore()}
-        if CONFIG_ITEM in items:
+        if (step_dir / CONFIG_ITEM).exists():
             wanted[CONFIG_ITEM] = ocp.args.JsonRestore()
         restored = manager.restore(step, args=ocp.args.Composite(**wanted))
     config = None

@@ -274,13 +274,15 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], config: EfficientSamCo
                 f"the model (expected {want} after conversion)")
         params[path] = np.ascontiguousarray(value, dtype=np.float32)
     if unexpected:
-        raise CheckpointError(f"{source}: unexpected keys {unexpected[:5]}"
-                              + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""))
+        raise CheckpointError(f"{source}: unexpected keys {_first_few(unexpected)}")
     missing = [".".join(p) for p in expected if p not in params]
     if missing:
-        raise CheckpointError(f"{source}: missing parameters {missing[:5]}"
-                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+        raise CheckpointError(f"{source}: missing parameters {_first_few(missing)}")
     return _unflatten(params)
+
+
+def _first_few(names: list[str], n: int = 5) -> str:
+    return f"{names[:n]}" + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
 def _pretty(variant: str) -> str:

@@ -144,3 +144,24 @@ def test_rescale_points_per_axis_and_negative_to_minus_one():
 def test_pad_prompts_refuses_more_than_six_points():
     with pytest.raises(ValueError, match="7 points"):
         pp.pad_prompts(np.zeros((1, 7, 2)), np.ones((1, 7)), 6)
+
+
+def test_bfloat16_compute_tracks_float32():
+    """dtype='bfloat16' computes in bf16 (params stay f32) and returns f32 logits close to
+    the f32 model's, relative to their scale."""
+    config32 = model_config("tiny")
+    params = init_params(config32, jax.random.key(3))
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((1, 256, 256, 3)), jnp.float32)
+    points = jnp.asarray([[[[20.0, 30.0], [120.0, 200.0]]]])
+    labels = jnp.asarray([[[2, 3]]], jnp.int32)
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        model = EfficientSam(model_config("tiny", dtype=dtype))
+        outs[dtype] = jax.jit(model.apply)({"params": params}, images, points, labels)
+    (lo32, iou32), (lo16, iou16) = outs["float32"], outs["bfloat16"]
+    assert lo16.dtype == jnp.float32 and iou16.dtype == jnp.float32
+    scale = float(jnp.abs(lo32).max())
+    assert scale > 0.1
+    assert float(jnp.abs(lo16 - lo32).max()) < 0.1 * scale
+    assert not np.allclose(np.asarray(lo16), np.asarray(lo32), atol=1e-7, rtol=0)
+    assert float(jnp.abs(iou16 - iou32).max()) < 0.1 * max(float(jnp.abs(iou32).max()), 1.0)

@@ -3,66 +3,102 @@ r"""SAMEO on the procedural demo data: what amodal fine-tuning of the mask decod
   python benchmarks/demo_amodal_gain.py --workdir workdir_gain
 
 Three trainings of the tiny demo model (configs/sameo.py:demo), then one table of amodal IoU
-on the held-out split, prompted with the instances' visible (modal) boxes:
+on the held-out split (config.data.eval_split, never trained on):
 
   1. modal:   everything trained from scratch on VISIBLE-mask targets (a modal segmenter).
   2. sameo:   starting from (1), only the mask decoder trains, on AMODAL targets, with the
-              embedding cache (the frozen encoder runs once per image). The image encoder must
-              come out bit-identical; the script checks it.
+              embedding cache (the frozen encoder runs once per image). The image and prompt
+              encoders must come out bit-identical; the script checks it and fails otherwise.
   3. amodal:  everything trained from scratch on amodal targets (the demo's main job).
 
-Rows: the visible mask itself (the modal baseline: what a modal segmenter at best returns),
-and each model's prediction (best of its 3 masks by predicted IoU), on all held-out instances
-and on the occluded ones (occlusion rate >= config.eval_occluded_min). IoU is measured at the
-model's low-res mask size. Workdirs are reused: a finished stage is only evaluated again.
+Rows: the visible mask itself (the modal baseline: what a perfect modal segmenter returns),
+and each model's prediction (best of its 3 masks by predicted IoU). Columns: amodal IoU on
+all held-out instances and on the occluded ones (occlusion rate >= config.eval_occluded_min),
+prompted with the visible boxes a modal detector would give, and on the occluded ones prompted
+with their amodal boxes. IoU is measured at the model's low-res mask size. Workdirs are
+reused: a finished stage is only evaluated again.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs.sameo import get_config  # noqa: E402
-from sameo_jax.checkpoint import load_params  # noqa: E402
-from sameo_jax.training.loop import train_and_evaluate  # noqa: E402
+from sameo_jax.checkpoint import load_model  # noqa: E402
+from sameo_jax.data import pipeline  # noqa: E402
+from sameo_jax.models.efficient_sam import EfficientSam  # noqa: E402
+from sameo_jax.training import input_pipeline  # noqa: E402
+from sameo_jax.training.loop import make_mesh, train_and_evaluate  # noqa: E402
+from sameo_jax.training.step import batch_sharding, make_eval_step  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the three training runs.")
-_MODAL_STEPS = flags.DEFINE_integer("modal_steps", 600, "Steps of stage 1 (modal targets).")
-_SAMEO_STEPS = flags.DEFINE_integer("sameo_steps", 1500, "Steps of stage 2 (decoder only).")
-_AMODAL_STEPS = flags.DEFINE_integer("amodal_steps", 600, "Steps of stage 3 (0: skip it).")
+_MODAL_STEPS = flags.DEFINE_integer(
+    "modal_steps", 0, "Steps of stage 1 (modal targets; 0: the demo config's total_steps).")
+_SAMEO_STEPS = flags.DEFINE_integer("sameo_steps", 3000, "Steps of stage 2 (decoder only).")
+_AMODAL_STEPS = flags.DEFINE_integer(
+    "amodal_steps", 0, "Steps of stage 3 (0: the demo config's total_steps; < 0: skip it).")
 flags.mark_flag_as_required("workdir")
 
-METRICS = ("amodal_iou", "amodal_iou_occluded", "visible_iou_occluded", "num_instances",
-           "num_occluded")
+FROZEN_PARTS = ("image_encoder", "prompt_encoder")
 
 
-def last_eval(workdir: pathlib.Path) -> dict[str, float]:
-    """The last evaluation record of a run, keys without the 'eval/demo/' prefix."""
-    result = {}
-    for line in (workdir / "metrics.jsonl").open():
-        record = json.loads(line)
-        if "eval/demo/amodal_iou" in record:
-            result = {k.removeprefix("eval/demo/"): v for k, v in record.items()}
-    return result
-
-
-def run_stage(workdir: pathlib.Path, steps: int, **overrides) -> tuple[dict[str, float], float]:
+def stage_config(steps: int, **overrides) -> ml_collections.ConfigDict:
     config = get_config("demo")
-    config.total_steps = steps
-    config.eval_every = 0  # once, at the end
+    if steps > 0:
+        config.total_steps = steps
+    config.eval_every = -1  # this script evaluates itself, on the same split
+    config.progress_bar = False
     for key, value in overrides.items():
         config[key] = value
+    return config
+
+
+def run_stage(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> float:
     start = time.perf_counter()
     train_and_evaluate(config, workdir)
-    return last_eval(workdir), time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def per_instance(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+                 prompt_mode: str) -> dict[str, np.ndarray]:
+    """Held-out instances of the run in `workdir`: 'model' and 'visible' (amodal IoU of the
+    prediction and of the visible mask) and 'occlusion' (rate), each [num_instances]."""
+    model_cfg, params = load_model(workdir)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.eval_prompt_mode = prompt_mode
+    mesh = make_mesh()
+    sharding = batch_sharding(mesh)
+    eval_step = make_eval_step(EfficientSam(model_cfg), config, mesh)
+    (one_pass,) = input_pipeline.eval_passes(config, model_cfg).values()
+    out = {"model": [], "visible": [], "occlusion": []}
+    for batch in one_pass():
+        keys = ("image", "prompt_boxes", "amodal_masks", "visible_masks", "valid")
+        device = pipeline.to_global_batch({k: batch[k] for k in keys}, sharding)
+        result = jax.device_get(eval_step(params, device))
+        valid = batch["valid"]
+        out["model"].append(result["model_iou"][valid])
+        out["visible"].append(result["visible_iou"][valid])
+        out["occlusion"].append(batch["occlusion_rate"][valid])
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def frozen_parts_identical(before: pathlib.Path, after: pathlib.Path) -> bool:
+    """Whether the image and prompt encoders of two runs are bit-identical."""
+    a, b = load_model(before)[1], load_model(after)[1]
+    return all(
+        np.asarray(x).tobytes() == np.asarray(y).tobytes()
+        for part in FROZEN_PARTS
+        for x, y in zip(jax.tree.leaves(a[part]), jax.tree.leaves(b[part]), strict=True)
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -71,38 +107,54 @@ def main(argv: list[str]) -> None:
     root = pathlib.Path(_WORKDIR.value)
     modal_dir, sameo_dir, amodal_dir = root / "modal", root / "sameo", root / "amodal"
 
-    modal, t_modal = run_stage(modal_dir, _MODAL_STEPS.value, target="modal")
-    sameo, t_sameo = run_stage(
-        sameo_dir, _SAMEO_STEPS.value, target="amodal", init_checkpoint=str(modal_dir),
+    modal_cfg = stage_config(_MODAL_STEPS.value, target="modal")
+    sameo_cfg = stage_config(
+        _SAMEO_STEPS.value, target="amodal", init_checkpoint=str(modal_dir),
         trainable=("mask_decoder/",), cache_embeddings=True, warmup_steps=0,
     )
-    rows = [("visible mask (modal baseline)", None), ("1. modal-trained model", modal),
-            ("2. + decoder-only amodal fine-tune (SAMEO)", sameo)]
-    if _AMODAL_STEPS.value > 0:
-        amodal, _ = run_stage(amodal_dir, _AMODAL_STEPS.value, target="amodal")
-        rows.append(("3. amodal-trained from scratch", amodal))
+    amodal_cfg = stage_config(_AMODAL_STEPS.value, target="amodal")
+    stages = [("1. modal-trained model", modal_dir, modal_cfg),
+              ("2. + decoder-only amodal fine-tune (SAMEO)", sameo_dir, sameo_cfg)]
+    if _AMODAL_STEPS.value >= 0:
+        stages.append(("3. amodal-trained from scratch", amodal_dir, amodal_cfg))
 
-    before = load_params(modal_dir)["image_encoder"]
-    after = load_params(sameo_dir)["image_encoder"]
-    identical = all(
-        np.asarray(a).tobytes() == np.asarray(b).tobytes()
-        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
-    )
+    times, results = {}, {}
+    for name, workdir, config in stages:
+        times[name] = run_stage(workdir, config)
+        results[name] = {mode: per_instance(workdir, config, mode) for mode in ("modal", "amodal")}
 
-    print(f"\nheld-out demo split: {int(sameo['num_instances'])} instances, "
-          f"{int(sameo['num_occluded'])} occluded; prompts: visible boxes")
-    print(f"{'predictor':45s} {'amodal IoU (all)':>17s} {'amodal IoU (occluded)':>22s}")
-    for name, result in rows:
-        if result is None:
-            print(f"{name:45s} {'':>17s} {sameo['visible_iou_occluded']:22.3f}")
-        else:
-            print(f"{name:45s} {result['amodal_iou']:17.3f} {result['amodal_iou_occluded']:22.3f}")
-    gain = sameo["amodal_iou_occluded"] - modal["amodal_iou_occluded"]
-    print(f"\nSAMEO fine-tune gain on occluded instances: {gain:+.3f} amodal IoU")
-    print(f"image encoder bit-identical after fine-tuning: {identical}")
-    print(f"wall time: modal stage {t_modal:.0f} s, SAMEO stage {t_sameo:.0f} s (CPU)")
+    identical = frozen_parts_identical(modal_dir, sameo_dir)
+    config = modal_cfg
+    first = results[stages[0][0]]
+    occluded = first["modal"]["occlusion"] >= config.eval_occluded_min
+    rates = first["modal"]["occlusion"]
+    print(f"\nheld-out demo split '{config.data.eval_split}' ({config.data.demo_eval_examples} "
+          f"images): {occluded.size} instances, {occluded.sum()} occluded (occlusion rate >= "
+          f"{config.eval_occluded_min}; mean {rates[occluded].mean():.2f}, range "
+          f"{rates[occluded].min():.2f}-{rates[occluded].max():.2f})")
+    print("amodal IoU at the low-res mask size; steps of each stage in brackets")
+    header = ("predictor", "all, visible box", "occluded, visible box", "occluded, amodal box")
+    print(f"{header[0]:48s} {header[1]:>17s} {header[2]:>22s} {header[3]:>21s}")
+    print(f"{'visible mask (modal baseline)':48s} {first['modal']['visible'].mean():17.3f} "
+          f"{first['modal']['visible'][occluded].mean():22.3f} "
+          f"{first['amodal']['visible'][occluded].mean():21.3f}")
+    occ_iou = {}
+    for name, _, cfg in stages:
+        modal, amodal = results[name]["modal"], results[name]["amodal"]
+        occ_iou[name] = modal["model"][occluded].mean()
+        label = f"{name} ({cfg.total_steps})"
+        print(f"{label:48s} {modal['model'].mean():17.3f} {occ_iou[name]:22.3f} "
+              f"{amodal['model'][occluded].mean():21.3f}")
+    before, after = (occ_iou[stages[0][0]], occ_iou[stages[1][0]])
+    baseline = first["modal"]["visible"][occluded].mean()
+    print(f"\nSAMEO fine-tune gain on occluded instances (visible boxes): {after - before:+.3f} "
+          f"amodal IoU over the modal-trained model, {after - baseline:+.3f} over the visible "
+          "mask")
+    print(f"image and prompt encoders bit-identical after fine-tuning: {identical}")
+    print("wall time (training and checkpoints): "
+          + ", ".join(f"stage {i} {t:.0f} s" for i, t in enumerate(times.values(), 1)))
     if not identical:
-        raise SystemExit("error: the image encoder changed during decoder-only fine-tuning")
+        raise SystemExit("error: a frozen encoder changed during decoder-only fine-tuning")
 
 
 if __name__ == "__main__":

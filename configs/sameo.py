@@ -53,6 +53,13 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
     c.data.eval_examples = 0  # evaluate on the first this many examples (0: all)
     c.data.demo_train_examples = 2000  # size of the procedural data set's splits
     c.data.demo_eval_examples = 200
+    # Scene parameters of the procedural data set (see sameo_jax.data.demo_scenes.DemoSource):
+    # rendered size in pixels, hidden fraction of each occluded object, an object's longer
+    # side as a fraction of the image, and whether each occluded scene has its unoccluded twin.
+    c.data.demo_image_size = 256
+    c.data.demo_occlusion_range = (0.15, 0.6)
+    c.data.demo_object_size = (0.24, 0.38)
+    c.data.demo_dual = True
     c.data.num_workers = 0  # grain worker processes (0: in the main process)
 
     # Prompts and targets.
@@ -103,9 +110,15 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
         # to run the SAMEO recipe (decoder-only) instead.
         c.trainable = (".*",)
         c.model.overrides.img_size = 128
-        c.data.demo_train_examples = 1024
-        c.data.demo_eval_examples = 128
-        c.total_steps = 600
+        # Scenes rendered at the model's input size, objects large enough to keep their
+        # shape at the 32 x 32 mask size, and heavy occlusion (30-70% hidden), so that
+        # amodal completion matters; a fresh image for (nearly) every training example.
+        c.data.demo_image_size = 128
+        c.data.demo_object_size = (0.3, 0.45)
+        c.data.demo_occlusion_range = (0.3, 0.7)
+        c.data.demo_train_examples = 8192
+        c.data.demo_eval_examples = 256
+        c.total_steps = 1000
         c.batch_size = 8
         c.lr = 1e-3
         c.warmup_steps = 30

@@ -9,6 +9,8 @@ The same --workdir resumes from its latest checkpoint. A misspelt --config.key i
 
 from __future__ import annotations
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -21,10 +23,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietCheckpointLibrary(std_logging.Filter):
+    """Keeps orbax's per-save INFO chatter (hundreds of lines a run) off the console."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietCheckpointLibrary())
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:

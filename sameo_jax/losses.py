@@ -56,17 +56,17 @@ def focal_loss(
     return jnp.mean(per_pixel, axis=(-2, -1))
 
 
-def mask_iou_of_logits(logits: jax.Array, target: jax.Array) -> jax.Array:
-    """IoU of the thresholded logits with the target: [..., L, L] -> [...] (no gradient).
+def binary_mask_iou(a: jax.Array, b: jax.Array) -> jax.Array:
+    """IoU of two bool masks: [..., L, L] -> [...] float32; both empty -> 1.0."""
+    a, b = a.astype(bool), b.astype(bool)
+    inter = jnp.sum(a & b, axis=(-2, -1)).astype(jnp.float32)
+    union = jnp.sum(a | b, axis=(-2, -1)).astype(jnp.float32)
+    return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
 
-    Both empty -> 1.0.
-    """
-    pred = logits >= MASK_THRESHOLD
-    t = target.astype(bool)
-    inter = jnp.sum(pred & t, axis=(-2, -1)).astype(jnp.float32)
-    union = jnp.sum(pred | t, axis=(-2, -1)).astype(jnp.float32)
-    iou = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
-    return jax.lax.stop_gradient(iou)
+
+def mask_iou_of_logits(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """IoU of the thresholded logits with the target: [..., L, L] -> [...] (no gradient)."""
+    return jax.lax.stop_gradient(binary_mask_iou(logits >= MASK_THRESHOLD, target))
 
 
 class LossOutput(NamedTuple):

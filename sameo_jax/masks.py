@@ -22,6 +22,14 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     return rle
 
 
+def coco_rle(seg: dict[str, Any]) -> dict[str, Any]:
+    """A compressed RLE dict whose `counts` may be str (JSON) -> the form pycocotools takes."""
+    counts = seg["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    return {"size": list(seg["size"]), "counts": counts}
+
+
 def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
     """COCO `segmentation` (polygon list, uncompressed or compressed RLE) -> [H, W] bool.
 
@@ -39,10 +47,7 @@ def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
         if isinstance(seg.get("counts"), list):
             rle = mask_utils.frPyObjects(seg, height, width)
         else:
-            counts = seg["counts"]
-            if isinstance(counts, str):
-                counts = counts.encode("ascii")
-            rle = {"size": size, "counts": counts}
+            rle = coco_rle(seg)
     else:
         raise ValueError(f"unsupported segmentation of type {type(seg).__name__}")
     return mask_utils.decode(rle).astype(bool)

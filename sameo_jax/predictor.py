@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sameo_jax import preprocessing as pp
 from sameo_jax.boxes import validate_boxes
 from sameo_jax.masks import MASK_THRESHOLD
-from sameo_jax.models.efficient_sam import EfficientSam, EfficientSamConfig
+from sameo_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, best_candidate
 
 DEFAULT_PROMPT_BUCKETS = (1, 4, 16, 64, 256)
 
@@ -181,9 +181,8 @@ class Predictor:
                                        multimask_output=multimask, method=EfficientSam.decode)
         logits, iou = logits[0], iou[0]  # [Q, K, L, L], [Q, K]
         if best_only and multimask:
-            best = jnp.argmax(iou, axis=-1)
-            logits = jnp.take_along_axis(logits, best[:, None, None, None], axis=1)
-            iou = jnp.take_along_axis(iou, best[:, None], axis=1)
+            logits, iou = best_candidate(logits, iou)
+            logits, iou = logits[:, None], iou[:, None]
         return logits, iou
 
     def predict(self, boxes: Any = None, points: Any = None, point_labels: Any = None, *,

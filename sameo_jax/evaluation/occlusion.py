@@ -40,15 +40,8 @@ def occlusion_level(rate: float) -> str:
     return "partial" if rate <= PARTIAL_MAX else "heavy"
 
 
-def _rle(seg: Mapping[str, Any]) -> dict[str, Any]:
-    counts = seg["counts"]
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    return {"size": list(seg["size"]), "counts": counts}
-
-
 def _decode(seg: Mapping[str, Any]) -> np.ndarray:
-    return mask_utils.decode(_rle(seg)).astype(bool)
+    return mask_lib.decode_segmentation(seg, *seg["size"])
 
 
 def _match_table(
@@ -67,8 +60,8 @@ def _match_table(
         ious = np.zeros((len(gts), len(preds)))
         if gts and preds:
             ious = np.asarray(mask_utils.iou(
-                [_rle(g["segmentation"]) for g in gts],
-                [_rle(r["segmentation"]) for r in preds],
+                [mask_lib.coco_rle(g["segmentation"]) for g in gts],
+                [mask_lib.coco_rle(r["segmentation"]) for r in preds],
                 [0] * len(preds),
             )).reshape(len(gts), len(preds))
             if not class_agnostic:

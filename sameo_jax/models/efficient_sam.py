@@ -16,7 +16,8 @@ from sameo_jax.models.prompt_encoder import PromptEncoder
 from sameo_jax.preprocessing import pad_prompts
 
 __all__ = [
-    "VARIANTS", "EfficientSam", "EfficientSamConfig", "init_params", "model_config", "param_shapes",
+    "VARIANTS", "EfficientSam", "EfficientSamConfig", "best_candidate", "init_params",
+    "model_config", "param_shapes",
 ]
 
 
@@ -26,6 +27,14 @@ def select_masks(logits: jax.Array, iou: jax.Array, multimask_output: bool):
     if multimask_output:
         return logits[..., 1:, :, :], iou[..., 1:]
     return logits[..., :1, :, :], iou[..., :1]
+
+
+def best_candidate(logits: jax.Array, iou: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The candidate with the highest predicted IoU: logits [..., K, L, L], iou [..., K] ->
+    ([..., L, L], [...]) (the official example's choice among the 3 multimask outputs)."""
+    best = jnp.argmax(iou, axis=-1)
+    picked = jnp.take_along_axis(logits, best[..., None, None, None], axis=-3)[..., 0, :, :]
+    return picked, jnp.take_along_axis(iou, best[..., None], axis=-1)[..., 0]
 
 
 class EfficientSam(nn.Module):

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sameo_jax import losses
 from sameo_jax.masks import MASK_THRESHOLD
-from sameo_jax.models.efficient_sam import EfficientSam
+from sameo_jax.models.efficient_sam import EfficientSam, best_candidate
 from sameo_jax.preprocessing import boxes_to_prompts, normalize_image
 from sameo_jax.training.optimizer import Params, merge_params, split_params
 from sameo_jax.training.state import TrainState
@@ -116,12 +116,6 @@ def make_train_step(
     )
 
 
-def best_candidate(logits: jax.Array, iou: jax.Array) -> jax.Array:
-    """[B, N, K, L, L], [B, N, K] -> [B, N, L, L]: the candidate with the highest predicted IoU."""
-    best = jnp.argmax(iou, axis=-1)
-    return jnp.take_along_axis(logits, best[..., None, None, None], axis=2)[:, :, 0]
-
-
 def make_eval_step(
     model: EfficientSam, config: ml_collections.ConfigDict, mesh: Mesh
 ) -> Callable[[Params, Batch], dict[str, jax.Array]]:
@@ -130,11 +124,6 @@ def make_eval_step(
     mask), 'visible_iou' (IoU of the visible mask with the amodal mask: the modal baseline)."""
     multimask = config.mask_selection != "single"
 
-    def iou(a: jax.Array, b: jax.Array) -> jax.Array:
-        inter = jnp.sum(a & b, axis=(-2, -1)).astype(jnp.float32)
-        union = jnp.sum(a | b, axis=(-2, -1)).astype(jnp.float32)
-        return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
-
     def eval_step(params: Params, batch: Batch):
         emb = _embeddings(model, params, batch)
         points, point_labels = boxes_to_prompts(batch["prompt_boxes"])
@@ -142,11 +131,11 @@ def make_eval_step(
             {"params": params}, emb, points, point_labels,
             multimask_output=multimask, method=EfficientSam.decode,
         )
-        pred = best_candidate(logits, pred_iou) >= MASK_THRESHOLD
+        pred = best_candidate(logits, pred_iou)[0] >= MASK_THRESHOLD
         amodal = batch["amodal_masks"]
         return {
-            "model_iou": iou(pred, amodal),
-            "visible_iou": iou(batch["visible_masks"], amodal),
+            "model_iou": losses.binary_mask_iou(pred, amodal),
+            "visible_iou": losses.binary_mask_iou(batch["visible_masks"], amodal),
         }
 
     return jax.jit(

@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sameo_jax.models.config import VARIANTS, EfficientSamConfig, model_config
 from sameo_jax.models.image_encoder import ImageEncoder
@@ -37,6 +38,12 @@ def best_candidate(logits: jax.Array, iou: jax.Array) -> tuple[jax.Array, jax.Ar
     return picked, jnp.take_along_axis(iou, best[..., None], axis=-1)[..., 0]
 
 
+def _repeat_last(x: jax.Array, copies: int) -> jax.Array:
+    """[..., N, D] -> [..., N - 1 + copies, D], the last row repeated."""
+    last = jnp.broadcast_to(x[..., -1:, :], (*x.shape[:-2], copies, x.shape[-1]))
+    return jnp.concatenate([x[..., :-1, :], last], axis=-2)
+
+
 class EfficientSam(nn.Module):
     """EfficientSAM. Parameters: {'image_encoder', 'prompt_encoder', 'mask_decoder'}."""
 
@@ -60,10 +67,23 @@ class EfficientSam(nn.Module):
             raise ValueError(
                 f"decode expects points [B, Q, P, 2] and labels [B, Q, P]; got "
                 f"{points.shape} and {labels.shape}")
-        points, labels = pad_prompts(points, labels, self.config.max_num_points)
+        # The padding points are identical tokens and stay identical through the decoder, so
+        # they run as one token weighted by their count (see two_way_transformer) and are
+        # copied back afterwards: a box prompt has 8 tokens to carry instead of 11.
+        given, total = points.shape[-2], self.config.max_num_points
+        copies = total - given
+        log_weight = None
+        if copies > 1:
+            points, labels = pad_prompts(points, labels, given + 1)
+            log_weight = jnp.zeros(given + 1, jnp.float32).at[-1].set(np.log(copies))
+        else:
+            points, labels = pad_prompts(points, labels, total)
         sparse = self.prompt_encoder(points, labels)
         dense_pe = self.prompt_encoder.dense_pe()
-        logits, iou, hyper_in, tokens = self.mask_decoder(sparse, embeddings, dense_pe)
+        logits, iou, hyper_in, tokens = self.mask_decoder(sparse, embeddings, dense_pe,
+                                                          log_weight)
+        if copies > 1:
+            sparse, tokens = (_repeat_last(x, copies) for x in (sparse, tokens))
         return {"logits": logits, "iou": iou, "sparse": sparse, "tokens": tokens,
                 "hyper_in": hyper_in}
 

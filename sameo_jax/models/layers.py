@@ -19,24 +19,40 @@ def layer_norm(eps: float, dtype: Any, name: str | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
+def softmax_matmul(logits: jax.Array, values: jax.Array) -> jax.Array:
+    """softmax(logits) @ values: logits [..., T, S], values [..., S, C] -> [..., T, C].
+
+    The softmax runs in float32 and is normalised after the product: dividing the [T, C]
+    result by the row sums saves a pass over the [T, S] weights (the same function, rounded
+    differently in the last bits).
+    """
+    logits = logits.astype(jnp.float32)
+    exp = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    out = (exp.astype(values.dtype) @ values).astype(jnp.float32)
+    return (out / exp.sum(axis=-1, keepdims=True)).astype(values.dtype)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
-              query_chunk: int | None = None) -> jax.Array:
+              query_chunk: int | None = None, key_bias: jax.Array | None = None) -> jax.Array:
     """Multi-head attention on projected inputs.
 
     q [..., T, D], k [..., S, D], v [..., S, D] -> [..., T, D] (leading dims broadcast).
     Heads are contiguous chunks of D; logits are scaled by 1 / sqrt(D / num_heads);
-    softmax over keys in float32. Heads are moved in front of the token axis before the two
-    matmuls: XLA's CPU backend runs that layout about 1.5x faster than a head-inner einsum.
+    softmax over keys in float32 (`softmax_matmul`). Heads are moved in front of the token
+    axis before the two matmuls: XLA's CPU backend runs that layout about 1.5x faster than a
+    head-inner einsum.
 
     query_chunk: when set and dividing T, queries are processed `query_chunk` at a time
     (`lax.map`), so each chunk's [H, chunk, S] logits stay in cache; rows of a softmax are
     independent, so the result is the same.
+    key_bias: [..., S], added to every head's logits (e.g. the log-multiplicity of a key
+    that stands for several identical ones).
     """
     t = q.shape[-2]
     if query_chunk is not None and t > query_chunk and t % query_chunk == 0:
         chunks = jnp.moveaxis(q.reshape(*q.shape[:-2], t // query_chunk, query_chunk,
                                         q.shape[-1]), -3, 0)
-        out = jax.lax.map(lambda qc: attention(qc, k, v, num_heads), chunks)
+        out = jax.lax.map(lambda qc: attention(qc, k, v, num_heads, key_bias=key_bias), chunks)
         return jnp.moveaxis(out, 0, -3).reshape(q.shape)
     d = q.shape[-1]
     hd = d // num_heads
@@ -45,9 +61,35 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
         return jnp.swapaxes(x.reshape(*x.shape[:-1], num_heads, hd), -2, -3)
 
     logits = heads(q * (hd**-0.5)) @ jnp.swapaxes(heads(k), -1, -2)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.swapaxes(weights @ heads(v), -2, -3)  # [..., T, H, D/H]
+    if key_bias is not None:
+        logits = logits + key_bias[..., None, None, :].astype(logits.dtype)
+    out = jnp.swapaxes(softmax_matmul(logits, heads(v)), -2, -3)  # [..., T, H, D/H]
     return out.reshape(*out.shape[:-2], d)
+
+
+class Linear(nn.Module):
+    """x @ kernel + bias with nn.Dense's parameters ({'kernel' [in, out], 'bias' [out]}).
+
+    The weights are also handed out unapplied (`weights()`), for callers that reassociate a
+    product (project a few tokens through the kernel instead of many image tokens).
+    """
+
+    in_features: int
+    features: int
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                                 (self.in_features, self.features))
+        self.bias = self.param("bias", nn.initializers.zeros, (self.features,))
+
+    def weights(self) -> tuple[jax.Array, jax.Array]:
+        """(kernel [in, out], bias [out]) in the compute dtype."""
+        return self.kernel.astype(self.dtype), self.bias.astype(self.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel, bias = self.weights()
+        return x.astype(self.dtype) @ kernel + bias
 
 
 class Mlp(nn.Module):

@@ -48,12 +48,17 @@ def shuffle_subpixels(x: jax.Array) -> jax.Array:
 
 class MaskDecoder(nn.Module):
     """sparse tokens [B, Q, P, D] + embeddings [B, E, E, D] -> logits [B, Q, M, 4E, 4E] and
-    IoU [B, Q, M] for all M = num_multimask_outputs + 1 mask tokens (selection by caller)."""
+    IoU [B, Q, M] for all M = num_multimask_outputs + 1 mask tokens (selection by caller).
+
+    sparse_log_weight [P] (optional): log of how many identical prompt tokens each sparse
+    token stands for.
+    """
 
     config: EfficientSamConfig
 
     @nn.compact
-    def __call__(self, sparse: jax.Array, embeddings: jax.Array, dense_pe: jax.Array):
+    def __call__(self, sparse: jax.Array, embeddings: jax.Array, dense_pe: jax.Array,
+                 sparse_log_weight: jax.Array | None = None):
         cfg = self.config
         dt = cfg.compute_dtype
         d = cfg.embed_dim
@@ -71,10 +76,14 @@ class MaskDecoder(nn.Module):
         # update; the transformer broadcasts them instead of copying them per prompt.
         keys = embeddings.reshape(b, 1, e * e, d).astype(dt)
         key_pe = dense_pe.reshape(e * e, d).astype(dt)
+        token_log_weight = None
+        if sparse_log_weight is not None:
+            token_log_weight = jnp.concatenate(
+                [jnp.zeros(1 + num_masks, jnp.float32), sparse_log_weight])
         tokens, keys = TwoWayTransformer(
             d, cfg.decoder_depth, cfg.decoder_heads, cfg.decoder_mlp_dim,
             cfg.attention_downsample_rate, dt, name="transformer",
-        )(tokens, keys, key_pe)
+        )(tokens, keys, key_pe, token_log_weight)
         iou_out = tokens[..., 0, :]
         mask_out = tokens[..., 1:1 + num_masks, :]
 
@@ -88,8 +97,9 @@ class MaskDecoder(nn.Module):
         hyper_in = jnp.stack(
             [Mlp((d, d), d // 8, dt, name=f"hypernet_{i}")(mask_out[..., i, :])
              for i in range(num_masks)], axis=-2)  # [B, Q, M, d/8]
-        masks = jnp.einsum("bqmc,bqhwijklc->bqmhwijkl", hyper_in, x)
-        masks = shuffle_subpixels(masks)  # [B, Q, M, 4E, 4E]
+        # Channels-last product, then one transpose of the (8x smaller) mask logits.
+        masks = jnp.einsum("bqhwijklc,bqmc->bqhwijklm", x, hyper_in)
+        masks = shuffle_subpixels(jnp.moveaxis(masks, -1, 2))  # [B, Q, M, 4E, 4E]
         iou = Mlp((cfg.iou_head_hidden, cfg.iou_head_hidden), num_masks, dt,
                   name="iou_head")(iou_out)
         return masks.astype(jnp.float32), iou.astype(jnp.float32), hyper_in, tokens

@@ -1,0 +1,90 @@
+"""The decoder's fast paths compute the same function as the plain one.
+
+Cross attentions carry the few token-side vectors through the projection kernels instead of
+projecting every prompt's copy of the image tokens, and identical padding tokens run once with
+their count as a logit offset. Both are exact rewrites; these tests hold them to the plain
+computation (the goldens in test_model_parity hold the whole decoder to the original).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sameo_jax import preprocessing as pp
+from sameo_jax.models.efficient_sam import EfficientSam, init_params, model_config
+from sameo_jax.models.two_way_transformer import Attention
+
+D, C, H, T, S, Q = 32, 16, 4, 3, 64, 8  # H * T < C: carrying tokens is the cheaper order
+
+
+@pytest.fixture(scope="module")
+def attention_and_params():
+    attn = Attention(D, C, H)
+    x = jnp.zeros((1, T, D))
+    params = attn.init(jax.random.key(0), x, x, x)
+    # Random biases too (they start at zero), so every bias term is exercised.
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return attn, jax.tree_util.tree_unflatten(
+        tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)])
+
+
+def _normal(key, shape, scale=1.0):
+    return scale * jax.random.normal(jax.random.key(key), shape)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["image-shared", "image-per-prompt"])
+def test_tokens_to_image_equals_plain_attention(attention_and_params, shared):
+    attn, params = attention_and_params
+    tokens = _normal(1, (2, Q, T, D))
+    image = _normal(2, (2, 1 if shared else Q, S, D))
+    values = _normal(3, image.shape)
+    fast = attn.apply(params, tokens, image, values, method=Attention.tokens_to_image)
+    plain = attn.apply(params, tokens, image, values)
+    assert fast.shape == (2, Q, T, D)
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["image-shared", "image-per-prompt"])
+def test_image_to_tokens_equals_plain_attention(attention_and_params, shared):
+    attn, params = attention_and_params
+    image = _normal(1, (2, 1 if shared else Q, S, D))
+    tokens = _normal(2, (2, Q, T, D))
+    values = _normal(3, tokens.shape)
+    bias = jnp.log(jnp.array([1.0, 2.0, 5.0]))
+    fast = attn.apply(params, image, tokens, values, bias, method=Attention.image_to_tokens)
+    plain = attn.apply(params, image, tokens, values, bias)
+    assert fast.shape == (2, Q, S, D)
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=2e-5)
+
+
+def test_log_weight_stands_for_identical_keys(attention_and_params):
+    """A key passed once with logit offset log(n) attends like n copies of it."""
+    attn, params = attention_and_params
+    image = _normal(1, (Q, S, D))
+    tokens = _normal(2, (Q, T, D))
+    copied = jnp.concatenate([tokens, jnp.repeat(tokens[:, -1:], 3, axis=1)], axis=1)
+    weighted = attn.apply(params, image, tokens, tokens, jnp.array([0.0, 0.0, np.log(4.0)]),
+                          method=Attention.image_to_tokens)
+    plain = attn.apply(params, image, copied, copied)
+    np.testing.assert_allclose(weighted, plain, rtol=1e-5, atol=2e-5)
+
+
+def test_box_prompts_decode_like_fully_padded_prompts():
+    """Two box corners run as 3 prompt tokens (the 4 padding points as one, weighted); the
+    outputs equal those of the same prompts padded to 6 points by the caller."""
+    config = model_config("tiny")
+    model = EfficientSam(config)
+    params = init_params(config, jax.random.key(0))
+    emb = _normal(4, (1, config.embedding_size, config.embedding_size, config.embed_dim))
+    boxes = np.array([[[10, 20, 120, 200], [50, 60, 70, 90], [0, 0, 255, 255]]], np.float32)
+    points, labels = pp.boxes_to_prompts(boxes)
+    padded, padded_labels = pp.pad_prompts(points, labels, config.max_num_points)
+    decode = jax.jit(lambda p, e, x, lab: model.apply(
+        {"params": p}, e, x, lab, method=EfficientSam.decode_all))
+    fast = decode(params, emb, jnp.asarray(points), jnp.asarray(labels))
+    plain = decode(params, emb, jnp.asarray(padded), jnp.asarray(padded_labels))
+    assert fast["tokens"].shape == plain["tokens"].shape == (1, 3, 11, config.embed_dim)
+    for name in ("logits", "iou", "tokens", "sparse"):
+        np.testing.assert_allclose(fast[name], plain[name], rtol=1e-4, atol=1e-4, err_msg=name)

@@ -31,6 +31,10 @@ class EfficientSamConfig:
     # Encoder attention runs this many queries at a time (0: all at once). Same result;
     # on CPU chunks of 256 keep the logits in cache (about 2x faster at 4096 tokens).
     encoder_attention_chunk: int = 256
+    # The mask decoder runs this many prompts of an image at a time (0: all at once). Same
+    # result; each prompt has its own 4096 x 256 image tokens from the first layer on, and
+    # on CPU a few prompts' worth stays in cache (about 1.3x faster for 16 prompts).
+    decoder_prompt_chunk: int = 4
 
     @property
     def embedding_size(self) -> int:
@@ -49,7 +53,10 @@ class EfficientSamConfig:
     def structure(self) -> EfficientSamConfig:
         """The config with compute-only fields (dtype, chunking) at their defaults: two
         configs with equal structure have interchangeable parameters."""
-        return dataclasses.replace(self, dtype="float32", encoder_attention_chunk=256)
+        defaults = {f.name: f.default for f in dataclasses.fields(EfficientSamConfig)}
+        return dataclasses.replace(
+            self, **{k: defaults[k] for k in ("dtype", "encoder_attention_chunk",
+                                                "decoder_prompt_chunk")})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

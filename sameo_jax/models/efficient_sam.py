@@ -80,12 +80,33 @@ class EfficientSam(nn.Module):
             points, labels = pad_prompts(points, labels, total)
         sparse = self.prompt_encoder(points, labels)
         dense_pe = self.prompt_encoder.dense_pe()
-        logits, iou, hyper_in, tokens = self.mask_decoder(sparse, embeddings, dense_pe,
-                                                          log_weight)
+        logits, iou, hyper_in, tokens = self._run_mask_decoder(sparse, embeddings, dense_pe,
+                                                               log_weight)
         if copies > 1:
             sparse, tokens = (_repeat_last(x, copies) for x in (sparse, tokens))
         return {"logits": logits, "iou": iou, "sparse": sparse, "tokens": tokens,
                 "hyper_in": hyper_in}
+
+    def _run_mask_decoder(self, sparse, embeddings, dense_pe, log_weight):
+        """The mask decoder on all prompts, `config.decoder_prompt_chunk` prompts of one image
+        at a time (a loop over chunks: rows of different prompts never interact)."""
+        b, q = sparse.shape[:2]
+        chunk = self.config.decoder_prompt_chunk
+        if self.is_initializing() or not chunk or q <= chunk or q % chunk:
+            return self.mask_decoder(sparse, embeddings, dense_pe, log_weight)
+        n = q // chunk
+        variables = self.mask_decoder.variables
+        decoder = MaskDecoder(self.config, parent=None)  # applied inside the loop
+
+        def run(args):
+            image, sparse_chunk = args
+            return decoder.apply(variables, sparse_chunk, embeddings[image][None], dense_pe,
+                                 log_weight)
+
+        images = jnp.repeat(jnp.arange(b), n)
+        chunks = sparse.reshape(b * n, 1, chunk, *sparse.shape[2:])
+        outs = jax.lax.map(run, (images, chunks))
+        return tuple(x.reshape(b, q, *x.shape[3:]) for x in outs)
 
     def decode(self, embeddings: jax.Array, points: jax.Array, labels: jax.Array,
                multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:

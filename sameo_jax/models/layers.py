@@ -7,11 +7,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as torch.nn.GELU(); flax/jax default to the tanh approximation."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact (erf) GELU, x * (1 + erf(x / sqrt 2)) / 2, the formula of torch.nn.GELU().
+
+    flax/jax default to the tanh approximation; jax's exact form goes through erfc, which
+    XLA's CPU backend evaluates about 1.4x slower than erf.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
 
 
 def layer_norm(eps: float, dtype: Any, name: str | None = None) -> nn.LayerNorm:

@@ -34,7 +34,9 @@ class Upsample2x(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         w = kernel.astype(self.dtype).transpose(2, 0, 1, 3).reshape(c, 4 * self.features)
         y = x.astype(self.dtype) @ w
-        return y.reshape(*x.shape[:-1], 2, 2, self.features) + bias.astype(self.dtype)
+        # Bias added over one merged sub-pixel axis: its gradient is a plain column sum.
+        y = y.reshape(-1, self.features) + bias.astype(self.dtype)
+        return y.reshape(*x.shape[:-1], 2, 2, self.features)
 
 
 def shuffle_subpixels(x: jax.Array) -> jax.Array:

@@ -88,3 +88,31 @@ def test_box_prompts_decode_like_fully_padded_prompts():
     assert fast["tokens"].shape == plain["tokens"].shape == (1, 3, 11, config.embed_dim)
     for name in ("logits", "iou", "tokens", "sparse"):
         np.testing.assert_allclose(fast[name], plain[name], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_prompt_chunks_give_the_same_outputs_and_gradients():
+    """Decoding 4 prompts of an image at a time (a loop) equals decoding all at once, for the
+    outputs and for the decoder's gradients."""
+    chunked = model_config("tiny", decoder_prompt_chunk=4)
+    whole = model_config("tiny", decoder_prompt_chunk=0)
+    params = init_params(chunked, jax.random.key(0))
+    emb = _normal(5, (2, chunked.embedding_size, chunked.embedding_size, chunked.embed_dim))
+    corners = np.random.default_rng(0).uniform(0, 200, (2, 8, 2)).astype(np.float32)
+    points, labels = pp.boxes_to_prompts(np.concatenate([corners, corners + 50], -1))
+
+    def outputs(config, p):
+        return EfficientSam(config).apply({"params": p}, emb, jnp.asarray(points),
+                                          jnp.asarray(labels), method=EfficientSam.decode_all)
+
+    def loss(config, decoder_params):
+        out = outputs(config, dict(params, mask_decoder=decoder_params))
+        return jnp.mean(jnp.tanh(out["logits"])) + jnp.mean(out["iou"] ** 2)
+
+    a, b = (jax.jit(outputs, static_argnums=0)(c, params) for c in (chunked, whole))
+    assert a["logits"].shape == (2, 8, 4, chunked.low_res_size, chunked.low_res_size)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    grads = [jax.jit(jax.grad(loss, argnums=1), static_argnums=0)(c, params["mask_decoder"])
+             for c in (chunked, whole)]
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7), *grads)

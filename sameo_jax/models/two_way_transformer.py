@@ -103,7 +103,8 @@ class Attention(nn.Module):
         # the normalisation is applied after the sum over s.
         mixed = jnp.einsum("...sk,...sd->...kd", exp.astype(qk.dtype),
                            image_v.astype(qk.dtype))  # [..., H*T, D]
-        mixed = mixed / jnp.swapaxes(exp.sum(axis=-2, keepdims=True), -1, -2).astype(qk.dtype)
+        mixed = (mixed.astype(jnp.float32)
+                 / jnp.swapaxes(exp.sum(axis=-2, keepdims=True), -1, -2)).astype(qk.dtype)
         mixed = mixed.reshape(*mixed.shape[:-2], h, t, d)
         wv, bv = self._head_kernel(self.v_proj)
         out = jnp.einsum("...htd,dhc->...thc", mixed, wv) + bv

@@ -1,6 +1,6 @@
 """Speed of sameo-jax, each time set against its FLOP floor measured in the same run.
 
-    python benchmarks/run.py [--quick] [--json OUT.json] [--repeats 5]
+    python benchmarks/run.py [--quick] [--json OUT.json] [--repeats 5] [--variant tiny]
 
 Rows: image encoder (ViT-T, ViT-S) at 1024x1024; prompt encoder + mask decoder for 1, 16 and
 64 boxes, low-res only and with the bicubic upsample to a 603x1072 image; one decoder-only
@@ -8,8 +8,9 @@ training step with cached embeddings and one that runs the frozen encoder. Each 
 median of `--repeats` runs after a warm-up (compile excluded). FLOPs come from XLA's cost
 analysis of the compiled call; the floor is FLOPs / the matmul rate measured right before
 each row in the same run, so the ratio `x floor` is comparable across noisy machines.
-`--quick` measures ViT-T and the decoder only. Weights are random: timings do not depend on
-their values.
+`--quick` measures ViT-T and the decoder only; `--variant` runs every row on one model variant
+(the tests check the script on 'tiny'). Weights are random: timings do not depend on their
+values.
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ def bench_encoder(table: Table, variant: str, repeats: int, dtype: str = "float3
     config = model_config(variant, dtype=dtype)
     model = EfficientSam(config)
     params = random_params(config)
-    images = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1024, 1024, 3)),
-                         jnp.float32)
+    s = config.img_size
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((1, s, s, 3)), jnp.float32)
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EfficientSam.encode))
     compiled = fn.lower(params, images).compile()
     counted = EfficientSam(unchunked(config))
@@ -122,16 +123,18 @@ def bench_encoder(table: Table, variant: str, repeats: int, dtype: str = "float3
         {"params": p}, x, method=EfficientSam.encode)), (params, images))
     suffix = "" if dtype == "float32" else f"_{dtype}"
     table.add(f"encoder_{variant}{suffix}", compiled, (params, images), flops, repeats,
-              "1x3x1024x1024")
+              f"1x3x{s}x{s}")
 
 
-def bench_decoder(table: Table, repeats: int) -> None:
-    config = model_config("vitt")
+def bench_decoder(table: Table, repeats: int, variant: str = "vitt") -> None:
+    config = model_config(variant)
     model = EfficientSam(config)
     params = random_params(config)
     rng = np.random.default_rng(1)
-    emb = jnp.asarray(rng.standard_normal((1, 64, 64, 256)), jnp.float32)
-    h, w = IMAGE_HW
+    e = config.embedding_size
+    emb = jnp.asarray(rng.standard_normal((1, e, e, config.embed_dim)), jnp.float32)
+    # The reference image's size, scaled with the model's input size (603x1072 at 1024).
+    h, w = (round(x * config.img_size / 1024) for x in IMAGE_HW)
 
     def decode(p, e, pts, lab, model=model):
         logits, iou = model.apply({"params": p}, e, pts, lab, method=EfficientSam.decode)
@@ -146,20 +149,21 @@ def bench_decoder(table: Table, repeats: int) -> None:
     for q in (1, 16, 64):
         xy = rng.uniform(0, 500, (1, q, 2)).astype(np.float32)
         boxes = np.concatenate([xy, xy + rng.uniform(20, 500, (1, q, 2))], -1)
-        pts, lab = pp.boxes_to_prompts(pp.rescale_points(boxes.reshape(1, q, 2, 2), (h, w))
-                                       .reshape(1, q, 4))
+        pts, lab = pp.boxes_to_prompts(pp.rescale_points(
+            boxes.reshape(1, q, 2, 2), (h, w), config.img_size).reshape(1, q, 4))
         args = (params, emb, jnp.asarray(pts), jnp.asarray(lab))
         for name, fn in ((f"decoder_boxes_{q}", decode),
                          (f"decoder_boxes_{q}_upsampled", decode_upsampled)):
             compiled = jax.jit(fn).lower(*args).compile()
             flops = xla_flops(jax.jit(functools.partial(fn, model=counted)), args)
-            note = "low-res 256x256" if fn is decode else f"3 masks at {h}x{w}"
+            low = config.low_res_size
+            note = f"low-res {low}x{low}" if fn is decode else f"3 masks at {h}x{w}"
             table.add(name, compiled, args, flops, repeats, note)
 
 
-def bench_train_steps(table: Table, repeats: int) -> None:
-    """Decoder-only SAMEO step (ViT-T config: 2 images x `instances_per_image` boxes) with
-    and without cached embeddings."""
+def bench_train_steps(table: Table, repeats: int, variant: str = "vitt") -> None:
+    """Decoder-only SAMEO step (the ViT-T training config, 2 images x `instances_per_image`
+    boxes, on `variant`'s model) with and without cached embeddings."""
     from configs import sameo as sameo_configs
     from sameo_jax.training.optimizer import (
         learning_rate_schedule,
@@ -172,8 +176,9 @@ def bench_train_steps(table: Table, repeats: int) -> None:
     config = sameo_configs.get_config("vitt")
     b, n = 2, config.instances_per_image
     config.batch_size = b
-    model_cfg = model_config("vitt")
+    model_cfg = model_config(variant)
     params = random_params(model_cfg)
+    s, e, low = model_cfg.img_size, model_cfg.embedding_size, model_cfg.low_res_size
     labels = trainable_labels(params, config.trainable)
     tx = make_optimizer(config, labels)
     schedule = learning_rate_schedule(config)
@@ -182,15 +187,16 @@ def bench_train_steps(table: Table, repeats: int) -> None:
     flop_step = make_train_step(EfficientSam(unchunked(model_cfg)), config, labels, tx,
                                 schedule, mesh)
     rng = np.random.default_rng(2)
-    xy = rng.uniform(0, 600, (b, n, 2)).astype(np.float32)
+    xy = rng.uniform(0, 0.6 * s, (b, n, 2)).astype(np.float32)
     batch = {
-        "prompt_boxes": np.concatenate([xy, xy + 200], -1),
-        "amodal_masks": rng.random((b, n, 256, 256)) > 0.5,
-        "visible_masks": rng.random((b, n, 256, 256)) > 0.7,
+        "prompt_boxes": np.concatenate([xy, xy + 0.2 * s], -1),
+        "amodal_masks": rng.random((b, n, low, low)) > 0.5,
+        "visible_masks": rng.random((b, n, low, low)) > 0.7,
         "valid": np.ones((b, n), bool),
-        "image": rng.integers(0, 256, (b, 1024, 1024, 3), dtype=np.uint8),
+        "image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
     }
-    cached = dict(batch, embedding=rng.standard_normal((b, 64, 64, 256)).astype(np.float32))
+    embedding = rng.standard_normal((b, e, e, model_cfg.embed_dim)).astype(np.float32)
+    cached = dict(batch, embedding=embedding)
     del cached["image"]
     for name, data in (("train_step_cached", cached), ("train_step_encoder", batch)):
         # Fresh buffers: the step donates its state.
@@ -212,7 +218,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--quick", action="store_true", help="ViT-T and the decoder only")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variant", default=None,
+                        help="measure every row on this model variant only (e.g. 'tiny' to "
+                             "check the script quickly); default: ViT-T, and ViT-S encoders")
     args = parser.parse_args(argv)
+    variant = args.variant or "vitt"
 
     device = jax.devices()[0]
     device_name = f"{device.platform}:{device.device_kind}"
@@ -222,15 +232,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           "(best of 5) measured just before each row, 'floor' = work / rate")
     print(f"{'name':<28} {'time':>13} {'work':>15} {'rate':>7} {'floor':>12} {'ratio':>8}")
     table = Table(device_name)
-    bench_encoder(table, "vitt", args.repeats)
+    encoders = [variant] if args.quick or args.variant else [variant, "vits"]
+    for name in encoders:
+        bench_encoder(table, name, args.repeats)
+    if not args.quick and device.platform != "cpu":
+        for name in encoders:
+            bench_encoder(table, name, args.repeats, "bfloat16")
+    bench_decoder(table, args.repeats, variant)
     if not args.quick:
-        bench_encoder(table, "vits", args.repeats)
-        if device.platform != "cpu":
-            bench_encoder(table, "vitt", args.repeats, "bfloat16")
-            bench_encoder(table, "vits", args.repeats, "bfloat16")
-    bench_decoder(table, args.repeats)
-    if not args.quick:
-        bench_train_steps(table, args.repeats)
+        bench_train_steps(table, args.repeats, variant)
     rows = {r["name"]: r for r in table.rows}
     if "decoder_boxes_16" in rows:
         per_box = ((rows["decoder_boxes_64"]["seconds"] - rows["decoder_boxes_16"]["seconds"])

@@ -166,3 +166,15 @@ def test_converter_cli(reference_dir, tmp_path, capsys):
     assert config == model_config("vitt")
     with pytest.raises(SystemExit, match="not empty"):
         checkpoint.main([str(reference_dir / f"{WEIGHTS}.pt"), str(out)])
+
+
+def test_param_shapes_then_init_params():
+    """Shapes first (an abstract trace, as loading a checkpoint does), then a real init of
+    the same config in the same process: the cached init must not hold leaked tracers."""
+    from sameo_jax.models.efficient_sam import init_params
+
+    config = model_config("tiny", iou_head_hidden=48)  # a config no other test builds
+    shapes = param_shapes(config)
+    params = init_params(config, jax.random.key(0))
+    assert (jax.tree_util.tree_map(lambda p: p.shape, params)
+            == jax.tree_util.tree_map(lambda s: s.shape, shapes))

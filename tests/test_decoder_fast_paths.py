@@ -116,3 +116,4 @@ def test_prompt_chunks_give_the_same_outputs_and_gradients():
              for c in (chunked, whole)]
     jax.tree_util.tree_map(
         lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7), *grads)
+

@@ -128,11 +128,17 @@ class EfficientSam(nn.Module):
 @functools.lru_cache(maxsize=8)
 def _compiled_init(config: EfficientSamConfig):
     s = config.img_size
-    images = jnp.zeros((1, s, s, 3), jnp.float32)
-    points = jnp.zeros((1, 1, 2, 2), jnp.float32)
-    labels = jnp.zeros((1, 1, 2), jnp.int32)
+
+    def init(key):
+        # Dummy inputs made inside the traced function: this cached function may first be
+        # built under another trace (param_shapes' eval_shape), which must not leak into it.
+        images = jnp.zeros((1, s, s, 3), jnp.float32)
+        points = jnp.zeros((1, 1, 2, 2), jnp.float32)
+        labels = jnp.zeros((1, 1, 2), jnp.int32)
+        return EfficientSam(config).init(key, images, points, labels)["params"]
+
     # One compiled call (cached per config) instead of running the model op by op.
-    return jax.jit(lambda key: EfficientSam(config).init(key, images, points, labels)["params"])
+    return jax.jit(init)
 
 
 def init_params(config: EfficientSamConfig, key: jax.Array) -> dict[str, Any]:

@@ -198,7 +198,8 @@ class Predictor:
         pts, labels = build_prompts(boxes, points, point_labels, self.config.max_num_points)
         q = len(pts)
         qb = bucket_size(q, self.prompt_buckets)
-        pts, labels = pp.pad_prompts(pts, labels, self.config.max_num_points)
+        # Padding to the model's 6 points is left to the model, which runs the padding
+        # points of a prompt as one weighted token (8 decoder tokens for a box, not 11).
         pts = pp.rescale_points(pts, (h, w), self.config.img_size)
         if qb > q:
             pts = np.concatenate([pts, np.full((qb - q,) + pts.shape[1:], -1.0, np.float32)])

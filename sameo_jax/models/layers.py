@@ -24,17 +24,27 @@ def layer_norm(eps: float, dtype: Any, name: str | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
-def softmax_matmul(logits: jax.Array, values: jax.Array) -> jax.Array:
+def softmax_matmul(logits: jax.Array, values: jax.Array, keys_first: bool = False,
+                   ) -> jax.Array:
     """softmax(logits) @ values: logits [..., T, S], values [..., S, C] -> [..., T, C].
 
+    keys_first: logits come as [..., S, T] (softmax over S, the second-last axis), the layout
+    of a product that reads many keys in their own [..., S, D] layout.
     The softmax runs in float32 and is normalised after the product: dividing the [T, C]
     result by the row sums saves a pass over the [T, S] weights (the same function, rounded
     differently in the last bits).
     """
+    axis = -2 if keys_first else -1
     logits = logits.astype(jnp.float32)
-    exp = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-    out = (exp.astype(values.dtype) @ values).astype(jnp.float32)
-    return (out / exp.sum(axis=-1, keepdims=True)).astype(values.dtype)
+    exp = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=axis, keepdims=True)))
+    sums = exp.sum(axis=axis, keepdims=True)
+    exp = exp.astype(values.dtype)
+    if keys_first:
+        out = jnp.einsum("...st,...sc->...tc", exp, values)
+        sums = jnp.swapaxes(sums, -1, -2)
+    else:
+        out = exp @ values
+    return (out.astype(jnp.float32) / sums).astype(values.dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sameo_jax.models.layers import Linear, Mlp, attention, layer_norm
+from sameo_jax.models.layers import Linear, Mlp, attention, layer_norm, softmax_matmul
 
 DECODER_LN_EPS = 1e-5
 
@@ -97,14 +97,8 @@ class Attention(nn.Module):
         # Image-major logits [..., S, H*T]: the image tokens are read in their own layout
         # (a [..., H*T, S] product would transpose every prompt's image tokens first).
         logits = image_k.astype(qk.dtype) @ jnp.swapaxes(qk, -1, -2)
-        logits = logits.astype(jnp.float32)
-        exp = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-2, keepdims=True)))
-        # Weights sum to 1: sum_s w_s (W_v^T x_s + b_v) = W_v^T (sum_s w_s x_s) + b_v, and
-        # the normalisation is applied after the sum over s.
-        mixed = jnp.einsum("...sk,...sd->...kd", exp.astype(qk.dtype),
-                           image_v.astype(qk.dtype))  # [..., H*T, D]
-        mixed = (mixed.astype(jnp.float32)
-                 / jnp.swapaxes(exp.sum(axis=-2, keepdims=True), -1, -2)).astype(qk.dtype)
+        # Weights sum to 1: sum_s w_s (W_v^T x_s + b_v) = W_v^T (sum_s w_s x_s) + b_v.
+        mixed = softmax_matmul(logits, image_v.astype(qk.dtype), keys_first=True)
         mixed = mixed.reshape(*mixed.shape[:-2], h, t, d)
         wv, bv = self._head_kernel(self.v_proj)
         out = jnp.einsum("...htd,dhc->...thc", mixed, wv) + bv

@@ -1,9 +1,11 @@
 """The decoder's fast paths compute the same function as the plain one.
 
 Cross attentions carry the few token-side vectors through the projection kernels instead of
-projecting every prompt's copy of the image tokens, and identical padding tokens run once with
-their count as a logit offset. Both are exact rewrites; these tests hold them to the plain
-computation (the goldens in test_model_parity hold the whole decoder to the original).
+projecting every prompt's copy of the image tokens, identical padding tokens run once with
+their count as a logit offset, the first transposed convolution reads the image tokens in
+factored form (shared map + per-prompt low-rank sum), and tokens whose output is not used skip
+the final attention. All are exact rewrites; these tests hold them to the plain computation
+(the goldens in test_model_parity hold the whole decoder to the original).
 """
 
 import jax
@@ -13,6 +15,8 @@ import pytest
 
 from sameo_jax import preprocessing as pp
 from sameo_jax.models.efficient_sam import EfficientSam, init_params, model_config
+from sameo_jax.models.layers import layer_norm_rstd
+from sameo_jax.models.low_rank import LowRankTokens
 from sameo_jax.models.two_way_transformer import Attention
 
 D, C, H, T, S, Q = 32, 16, 4, 3, 64, 8  # H * T < C: carrying tokens is the cheaper order
@@ -90,14 +94,12 @@ def test_box_prompts_decode_like_fully_padded_prompts():
         np.testing.assert_allclose(fast[name], plain[name], rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-def test_prompt_chunks_give_the_same_outputs_and_gradients():
-    """Decoding 4 prompts of an image at a time (a loop) equals decoding all at once, for the
-    outputs and for the decoder's gradients."""
-    chunked = model_config("tiny", decoder_prompt_chunk=4)
-    whole = model_config("tiny", decoder_prompt_chunk=0)
-    params = init_params(chunked, jax.random.key(0))
-    emb = _normal(5, (2, chunked.embedding_size, chunked.embedding_size, chunked.embed_dim))
-    corners = np.random.default_rng(0).uniform(0, 200, (2, 8, 2)).astype(np.float32)
+def _assert_same_decoder(first, second, params, seed: int, out_tol: float,
+                         grad_rtol: float) -> None:
+    """Two configs of one model decode 2 images x 8 boxes to the same outputs (all of
+    decode_all's) and the same mask-decoder gradients."""
+    emb = _normal(seed, (2, first.embedding_size, first.embedding_size, first.embed_dim))
+    corners = np.random.default_rng(seed).uniform(0, 200, (2, 8, 2)).astype(np.float32)
     points, labels = pp.boxes_to_prompts(np.concatenate([corners, corners + 50], -1))
 
     def outputs(config, p):
@@ -108,12 +110,101 @@ def test_prompt_chunks_give_the_same_outputs_and_gradients():
         out = outputs(config, dict(params, mask_decoder=decoder_params))
         return jnp.mean(jnp.tanh(out["logits"])) + jnp.mean(out["iou"] ** 2)
 
-    a, b = (jax.jit(outputs, static_argnums=0)(c, params) for c in (chunked, whole))
-    assert a["logits"].shape == (2, 8, 4, chunked.low_res_size, chunked.low_res_size)
+    a, b = (jax.jit(outputs, static_argnums=0)(c, params) for c in (first, second))
+    assert a["logits"].shape == (2, 8, 4, first.low_res_size, first.low_res_size)
     for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(a[name], b[name], rtol=out_tol, atol=out_tol,
+                                   err_msg=name)
     grads = [jax.jit(jax.grad(loss, argnums=1), static_argnums=0)(c, params["mask_decoder"])
-             for c in (chunked, whole)]
+             for c in (first, second)]
     jax.tree_util.tree_map(
-        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7), *grads)
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=grad_rtol, atol=1e-7), *grads)
 
+
+def test_prompt_chunks_give_the_same_outputs_and_gradients():
+    """Decoding 4 prompts of an image at a time (a loop) equals decoding all at once."""
+    chunked = model_config("tiny", decoder_prompt_chunk=4)
+    whole = model_config("tiny", decoder_prompt_chunk=0)
+    _assert_same_decoder(chunked, whole, init_params(chunked, jax.random.key(0)), 5, 1e-5,
+                         1e-4)
+
+
+def _perturbed(params, key, scale=0.1):
+    """params + noise, so that LayerNorm gains and every bias differ from their init."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(key), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [
+        x + scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)])
+
+
+def _layer_norm(x, gamma, beta, eps=1e-5):
+    centred = x - x.mean(-1, keepdims=True)
+    return centred / jnp.sqrt((centred**2).mean(-1, keepdims=True) + eps) * gamma + beta
+
+
+def test_low_rank_tokens_follow_the_dense_tokens():
+    """Two rounds of (low-rank update, LayerNorm) and a linear map on the factored form equal
+    the same steps on the dense tokens, values and gradients."""
+    base = _normal(1, (2, 1, S, D))  # shared by the Q prompts of each image
+    args = {"mix": [_normal(2, (2, Q, S, H * T)), _normal(3, (2, Q, S, H * T))],
+            "rows": [_normal(4, (2, Q, H * T, D)), _normal(5, (2, Q, H * T, D))],
+            "offset": [_normal(6, (D,)), _normal(7, (D,))],
+            "gamma": [1 + _normal(8, (D,), 0.3), 1 + _normal(9, (D,), 0.3)],
+            "beta": [_normal(10, (D,)), _normal(11, (D,))],
+            "kernel": _normal(12, (D, 3 * D)), "bias": _normal(13, (3 * D,))}
+
+    def dense(a):
+        x = base
+        for i in range(2):
+            x = _layer_norm(x + a["mix"][i] @ a["rows"][i] + a["offset"][i], a["gamma"][i],
+                            a["beta"][i])
+        return x @ a["kernel"] + a["bias"]
+
+    def factored(a):
+        x, f = base, LowRankTokens.of(base)
+        for i in range(2):
+            x = x + a["mix"][i] @ a["rows"][i] + a["offset"][i]
+            f = f.add(a["mix"][i], a["rows"][i], a["offset"][i]).layer_norm(
+                layer_norm_rstd(x, 1e-5), a["gamma"][i], a["beta"][i])
+            x = _layer_norm(x, a["gamma"][i], a["beta"][i])
+        return f.linear(a["kernel"], a["bias"]).dense()
+
+    want, got = dense(args), factored(args)
+    assert got.shape == (2, Q, S, 3 * D)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    def loss(fn):
+        return jax.grad(lambda a: jnp.mean(jnp.sin(fn(a))))(args)
+
+    jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-6),
+                           loss(factored), loss(dense))
+
+
+def test_factored_upscale_gives_the_same_outputs_and_gradients():
+    """The first transposed convolution on the factored image tokens equals it on the dense
+    ones (random LayerNorm gains and biases, so every piece of the factored form counts)."""
+    factored = model_config("tiny", factored_upscale=True)
+    dense = model_config("tiny", factored_upscale=False)
+    params = _perturbed(init_params(factored, jax.random.key(0)), 1)
+    _assert_same_decoder(factored, dense, params, 6, 1e-4, 1e-3)
+
+
+def test_unused_prompt_tokens_skip_the_final_attention():
+    """Without the prompt tokens' outputs the masks, IoUs and output tokens are unchanged."""
+    config = model_config("tiny")
+    model = EfficientSam(config)
+    params = _perturbed(init_params(config, jax.random.key(0)), 2)
+    emb = _normal(7, (1, config.embedding_size, config.embedding_size, config.embed_dim))
+    points, labels = pp.boxes_to_prompts(np.array([[[10, 20, 120, 200], [5, 6, 70, 90]]],
+                                                  np.float32))
+    outs = [jax.jit(lambda p, e, x, lab, keep=keep: model.apply(
+        {"params": p}, e, x, lab, prompt_tokens=keep, method=EfficientSam.decode_all))(
+        params, emb, jnp.asarray(points), jnp.asarray(labels)) for keep in (True, False)]
+    outputs = 1 + config.num_multimask_outputs + 1  # the IoU token and the mask tokens
+    assert outs[0]["tokens"].shape[2] == outputs + config.max_num_points
+    assert outs[1]["tokens"].shape[2] == outputs
+    np.testing.assert_allclose(outs[1]["tokens"], outs[0]["tokens"][:, :, :outputs],
+                               rtol=1e-5, atol=1e-5)
+    for name in ("logits", "iou", "hyper_in"):
+        np.testing.assert_allclose(outs[1][name], outs[0][name], rtol=1e-5, atol=1e-5,
+                                   err_msg=name)

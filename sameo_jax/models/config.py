@@ -35,6 +35,10 @@ class EfficientSamConfig:
     # result; each prompt has its own 4096 x 256 image tokens from the first layer on, and
     # on CPU a few prompts' worth stays in cache (about 1.3x faster for 16 prompts).
     decoder_prompt_chunk: int = 4
+    # The first transposed convolution of the mask decoder reads the image tokens in their
+    # factored form (shared map + per-prompt low-rank sum, models/low_rank.py). Same result,
+    # half the convolution's work in a forward pass.
+    factored_upscale: bool = True
 
     @property
     def embedding_size(self) -> int:
@@ -56,7 +60,7 @@ class EfficientSamConfig:
         defaults = {f.name: f.default for f in dataclasses.fields(EfficientSamConfig)}
         return dataclasses.replace(
             self, **{k: defaults[k] for k in ("dtype", "encoder_attention_chunk",
-                                                "decoder_prompt_chunk")})
+                                                "decoder_prompt_chunk", "factored_upscale")})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

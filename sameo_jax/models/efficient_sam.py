@@ -59,10 +59,12 @@ class EfficientSam(nn.Module):
         return self.image_encoder(images)
 
     def decode_all(self, embeddings: jax.Array, points: jax.Array, labels: jax.Array,
-                   ) -> dict[str, jax.Array]:
+                   prompt_tokens: bool = True) -> dict[str, jax.Array]:
         """Like `decode`, but returns every mask token's output and the intermediates:
         {'logits' [B, Q, M, L, L], 'iou' [B, Q, M], 'sparse' [B, Q, 6, D],
-         'tokens' [B, Q, T, D], 'hyper_in' [B, Q, M, D/8]} with M = multimask outputs + 1."""
+         'tokens' [B, Q, T, D], 'hyper_in' [B, Q, M, D/8]} with M = multimask outputs + 1.
+        The decoder's output tokens are T = 1 + M + 6, or only the 1 + M that the masks and
+        IoUs come from with `prompt_tokens=False` (the others then skip the last attention)."""
         if points.ndim != 4 or points.shape[-1] != 2 or labels.shape != points.shape[:-1]:
             raise ValueError(
                 f"decode expects points [B, Q, P, 2] and labels [B, Q, P]; got "
@@ -81,19 +83,21 @@ class EfficientSam(nn.Module):
         sparse = self.prompt_encoder(points, labels)
         dense_pe = self.prompt_encoder.dense_pe()
         logits, iou, hyper_in, tokens = self._run_mask_decoder(sparse, embeddings, dense_pe,
-                                                               log_weight)
+                                                               log_weight, prompt_tokens)
         if copies > 1:
-            sparse, tokens = (_repeat_last(x, copies) for x in (sparse, tokens))
+            sparse = _repeat_last(sparse, copies)
+            if prompt_tokens:
+                tokens = _repeat_last(tokens, copies)
         return {"logits": logits, "iou": iou, "sparse": sparse, "tokens": tokens,
                 "hyper_in": hyper_in}
 
-    def _run_mask_decoder(self, sparse, embeddings, dense_pe, log_weight):
+    def _run_mask_decoder(self, sparse, embeddings, dense_pe, log_weight, prompt_tokens):
         """The mask decoder on all prompts, `config.decoder_prompt_chunk` prompts of one image
         at a time (a loop over chunks: rows of different prompts never interact)."""
         b, q = sparse.shape[:2]
         chunk = self.config.decoder_prompt_chunk
         if self.is_initializing() or not chunk or q <= chunk or q % chunk:
-            return self.mask_decoder(sparse, embeddings, dense_pe, log_weight)
+            return self.mask_decoder(sparse, embeddings, dense_pe, log_weight, prompt_tokens)
         n = q // chunk
         variables = self.mask_decoder.variables
         decoder = MaskDecoder(self.config, parent=None)  # applied inside the loop
@@ -101,7 +105,7 @@ class EfficientSam(nn.Module):
         def run(args):
             image, sparse_chunk = args
             return decoder.apply(variables, sparse_chunk, embeddings[image][None], dense_pe,
-                                 log_weight)
+                                 log_weight, prompt_tokens)
 
         images = jnp.repeat(jnp.arange(b), n)
         chunks = sparse.reshape(b * n, 1, chunk, *sparse.shape[2:])
@@ -117,7 +121,7 @@ class EfficientSam(nn.Module):
         Returns low-res logits [B, Q, K, L, L] and raw IoU predictions [B, Q, K], with K = 3
         (multimask) or 1.
         """
-        out = self.decode_all(embeddings, points, labels)
+        out = self.decode_all(embeddings, points, labels, prompt_tokens=False)
         return select_masks(out["logits"], out["iou"], multimask_output)
 
     def __call__(self, images: jax.Array, points: jax.Array, labels: jax.Array,

@@ -24,6 +24,13 @@ def layer_norm(eps: float, dtype: Any, name: str | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
+def layer_norm_rstd(x: jax.Array, eps: float) -> jax.Array:
+    """[..., D] -> [...] float32: 1 / sqrt(var + eps) over the last axis, as `layer_norm`
+    computes it (biased variance of the centred input)."""
+    x = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.square(x - x.mean(axis=-1, keepdims=True)).mean(axis=-1) + eps)
+
+
 def softmax_matmul(logits: jax.Array, values: jax.Array, keys_first: bool = False,
                    ) -> jax.Array:
     """softmax(logits) @ values: logits [..., T, S], values [..., S, C] -> [..., T, C].

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from sameo_jax.models.config import EfficientSamConfig
 from sameo_jax.models.layers import Mlp, gelu
+from sameo_jax.models.low_rank import LowRankTokens
 from sameo_jax.models.two_way_transformer import TwoWayTransformer
 
 GROUP_NORM_EPS = 1e-5
@@ -28,15 +29,20 @@ class Upsample2x(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
+    def __call__(self, x: jax.Array | LowRankTokens) -> jax.Array:
+        """x [..., C] or LowRankTokens of [..., S, C] (-> [..., S, 2, 2, F])."""
+        c = x.base.shape[-1] if isinstance(x, LowRankTokens) else x.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, c, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        w = kernel.astype(self.dtype).transpose(2, 0, 1, 3).reshape(c, 4 * self.features)
-        y = x.astype(self.dtype) @ w
-        # Bias added over one merged sub-pixel axis: its gradient is a plain column sum.
-        y = y.reshape(-1, self.features) + bias.astype(self.dtype)
-        return y.reshape(*x.shape[:-1], 2, 2, self.features)
+        f, dt = self.features, self.dtype
+        w = kernel.astype(dt).transpose(2, 0, 1, 3).reshape(c, 4 * f)
+        if isinstance(x, LowRankTokens):  # the bias goes into the pieces' small offset
+            y = x.linear(w, jnp.tile(bias.astype(dt), 4)).dense()
+        else:
+            # Bias added over one merged sub-pixel axis: its gradient is a plain column sum.
+            y = ((x.astype(dt) @ w).reshape(-1, f) + bias.astype(dt)).reshape(
+                *x.shape[:-1], 4 * f)
+        return y.reshape(*y.shape[:-1], 2, 2, f)
 
 
 def shuffle_subpixels(x: jax.Array) -> jax.Array:
@@ -53,14 +59,15 @@ class MaskDecoder(nn.Module):
     IoU [B, Q, M] for all M = num_multimask_outputs + 1 mask tokens (selection by caller).
 
     sparse_log_weight [P] (optional): log of how many identical prompt tokens each sparse
-    token stands for.
+    token stands for. The returned tokens [B, Q, T, D] are all 1 + M + P of them, or with
+    `prompt_tokens=False` only the 1 + M output tokens (which is all the masks need).
     """
 
     config: EfficientSamConfig
 
     @nn.compact
     def __call__(self, sparse: jax.Array, embeddings: jax.Array, dense_pe: jax.Array,
-                 sparse_log_weight: jax.Array | None = None):
+                 sparse_log_weight: jax.Array | None = None, prompt_tokens: bool = True):
         cfg = self.config
         dt = cfg.compute_dtype
         d = cfg.embed_dim
@@ -82,15 +89,20 @@ class MaskDecoder(nn.Module):
         if sparse_log_weight is not None:
             token_log_weight = jnp.concatenate(
                 [jnp.zeros(1 + num_masks, jnp.float32), sparse_log_weight])
-        tokens, keys = TwoWayTransformer(
+        # The first transposed convolution may read the image tokens' factored form (shared
+        # map + per-prompt low-rank sum, see low_rank.py): half the work.
+        tokens, keys, factored = TwoWayTransformer(
             d, cfg.decoder_depth, cfg.decoder_heads, cfg.decoder_mlp_dim,
             cfg.attention_downsample_rate, dt, name="transformer",
-        )(tokens, keys, key_pe, token_log_weight)
+        )(tokens, keys, key_pe, token_log_weight,
+          num_outputs=None if prompt_tokens else 1 + num_masks,
+          factored_keys=cfg.factored_upscale)
         iou_out = tokens[..., 0, :]
         mask_out = tokens[..., 1:1 + num_masks, :]
 
-        x = keys.reshape(b, q, e, e, d)
-        x = Upsample2x(d // 4, dt, name="upscale_conv1")(x)  # [B, Q, E, E, 2, 2, d/4]
+        x = factored if cfg.factored_upscale else keys.reshape(b, q, e * e, d)
+        x = Upsample2x(d // 4, dt, name="upscale_conv1")(x)  # [B, Q, E*E, 2, 2, d/4]
+        x = x.reshape(b, q, e, e, *x.shape[-3:])
         x = nn.GroupNorm(num_groups=1, epsilon=GROUP_NORM_EPS, use_fast_variance=False,
                          dtype=dt, reduction_axes=(-5, -4, -3, -2, -1), name="upscale_norm")(x)
         x = gelu(x)

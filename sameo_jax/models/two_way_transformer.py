@@ -27,7 +27,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sameo_jax.models.layers import Linear, Mlp, attention, layer_norm, softmax_matmul
+from sameo_jax.models.layers import (
+    Linear,
+    Mlp,
+    attention,
+    layer_norm,
+    layer_norm_rstd,
+    softmax_matmul,
+)
+from sameo_jax.models.low_rank import LowRankTokens
 
 DECODER_LN_EPS = 1e-5
 
@@ -109,6 +117,16 @@ class Attention(nn.Module):
         """Image tokens [..., S, D] attend to tokens (keys tokens_k, values tokens_v
         [..., T, D]; leading dims broadcast) -> [..., S, D]; key_bias [..., T] is added to the
         logits. Equals `self(image_q, tokens_k, tokens_v, key_bias)`."""
+        weights, values, bias = self.image_to_tokens_factors(image_q, tokens_k, tokens_v,
+                                                             key_bias)
+        return weights @ values + bias
+
+    def image_to_tokens_factors(self, image_q: jax.Array, tokens_k: jax.Array,
+                                tokens_v: jax.Array, key_bias: jax.Array | None = None,
+                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`image_to_tokens` as (weights [..., S, H*T], values [..., H*T, D], bias [D]) with
+        output weights @ values + bias: the attention weights of every head and token, and
+        each token's value carried through its head's slice of the output projection."""
         h, c, d = self.num_heads, self.internal_dim, self.embed_dim
         t, s = tokens_k.shape[-2], image_q.shape[-2]
         k = _split_heads(self.k_proj(tokens_k) * self.head_dim**-0.5, h)  # [..., H, T, C/H]
@@ -132,7 +150,7 @@ class Attention(nn.Module):
         wo, bo = self.out_proj.weights()
         values = jnp.einsum("...htc,hcd->...htd", v, wo.reshape(h, self.head_dim, d))
         values = values.reshape(*values.shape[:-3], h * t, d)
-        return weights.reshape(*weights.shape[:-2], h * t) @ values + bo
+        return weights.reshape(*weights.shape[:-2], h * t), values, bo
 
 
 class TwoWayBlock(nn.Module):
@@ -146,7 +164,9 @@ class TwoWayBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, queries, keys, query_pe, key_pe, token_log_weight=None):
+    def __call__(self, queries, keys, query_pe, key_pe, token_log_weight=None, factored=None):
+        """Returns (queries, keys, factored): `factored` (a LowRankTokens equal to the input
+        keys, or None) is carried through this layer's update of the keys."""
         d, h, dt = self.embed_dim, self.num_heads, self.dtype
         cross_dim = d // self.downsample_rate
         if self.add_query_pe:
@@ -159,18 +179,29 @@ class TwoWayBlock(nn.Module):
         queries = layer_norm(DECODER_LN_EPS, dt, "norm2")(queries + attn)
         mlp = Mlp((self.mlp_dim,), d, dt, name="mlp")(queries)
         queries = layer_norm(DECODER_LN_EPS, dt, "norm3")(queries + mlp)
-        attn = Attention(d, cross_dim, h, dt, name="cross_attn_image_to_token").image_to_tokens(
+        mix, rows, offset = Attention(
+            d, cross_dim, h, dt, name="cross_attn_image_to_token").image_to_tokens_factors(
             keys + key_pe, queries + query_pe, queries, token_log_weight)
-        keys = layer_norm(DECODER_LN_EPS, dt, "norm4")(keys + attn)
-        return queries, keys
+        norm = layer_norm(DECODER_LN_EPS, dt, "norm4")
+        summed = keys + (mix @ rows + offset)
+        keys = norm(summed)
+        if factored is not None:
+            p = norm.variables["params"]
+            factored = factored.add(mix, rows, offset).layer_norm(
+                layer_norm_rstd(summed, DECODER_LN_EPS), p["scale"].astype(dt),
+                p["bias"].astype(dt))
+        return queries, keys, factored
 
 
 class TwoWayTransformer(nn.Module):
     """queries [..., T, D] tokens, keys [..., S, D] image tokens (leading dims broadcast:
     keys may be shared by all prompts of an image), key_pe [S, D]; token_log_weight [T]
-    (optional): log of how many identical tokens each token stands for.
+    (optional): log of how many identical tokens each token stands for; num_outputs
+    (optional): return only the first num_outputs tokens (the rest skip the final attention).
 
-    Returns (queries [..., T, D], keys [..., S, D]).
+    Returns (queries [..., num_outputs or T, D], keys [..., S, D], factored): with
+    `factored_keys=True`, `factored` is the output keys as a `LowRankTokens` (for linear maps
+    that are cheaper on its pieces), else None.
     """
 
     embed_dim: int
@@ -181,15 +212,21 @@ class TwoWayTransformer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, queries, keys, key_pe, token_log_weight=None):
+    def __call__(self, queries, keys, key_pe, token_log_weight=None, num_outputs=None,
+                 factored_keys=False):
         query_pe = queries
+        factored = LowRankTokens.of(keys) if factored_keys else None
         for i in range(self.depth):
-            queries, keys = TwoWayBlock(
+            queries, keys, factored = TwoWayBlock(
                 self.embed_dim, self.num_heads, self.mlp_dim, self.downsample_rate,
                 add_query_pe=i > 0, dtype=self.dtype, name=f"layers_{i}",
-            )(queries, keys, query_pe, key_pe, token_log_weight)
+            )(queries, keys, query_pe, key_pe, token_log_weight, factored)
+        # The final attention only updates the tokens (each on its own), so tokens whose
+        # output is not wanted are left out of it.
+        n = queries.shape[-2] if num_outputs is None else num_outputs
+        queries, query_pe = queries[..., :n, :], query_pe[..., :n, :]
         attn = Attention(self.embed_dim, self.embed_dim // self.downsample_rate, self.num_heads,
                          self.dtype, name="final_attn_token_to_image").tokens_to_image(
             queries + query_pe, keys + key_pe, keys)
         queries = layer_norm(DECODER_LN_EPS, self.dtype, "norm_final_attn")(queries + attn)
-        return queries, keys
+        return queries, keys, factored

@@ -9,7 +9,7 @@ import pytest
 from sameo_jax import preprocessing as pp
 from sameo_jax.models.config import model_config
 from sameo_jax.models.efficient_sam import EfficientSam, init_params
-from sameo_jax.models.layers import gelu, layer_norm
+from sameo_jax.models.layers import LayerNorm, gelu, layer_norm
 
 
 def _torch_layer_norm(x, eps):
@@ -27,10 +27,11 @@ def norm_modules():
     found = []
 
     def record(module, method_name):
-        if isinstance(module, nn.LayerNorm | nn.GroupNorm):
+        if isinstance(module, LayerNorm | nn.GroupNorm):
+            # Our LayerNorm always uses the centred (torch) variance.
             found.append(("/".join(module.scope.path), type(module).__name__,
                           module.epsilon, getattr(module, "num_groups", None),
-                          module.use_fast_variance))
+                          getattr(module, "use_fast_variance", False)))
         return False
 
     images = jnp.zeros((1, 256, 256, 3))

@@ -19,16 +19,30 @@ def gelu(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
 
 
-def layer_norm(eps: float, dtype: Any, name: str | None = None) -> nn.LayerNorm:
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with torch's formula (biased variance of the centred
+    input; statistics in float32) and nn.LayerNorm's parameters {'scale', 'bias'}."""
+
+    epsilon: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, return_rstd: bool = False):
+        """x [..., D] -> normalised x, and with `return_rstd` also 1 / sqrt(var + eps) [...]
+        (float32)."""
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,))
+        bias = self.param("bias", nn.initializers.zeros, (d,))
+        x = x.astype(jnp.float32)
+        centred = x - x.mean(axis=-1, keepdims=True)
+        rstd = jax.lax.rsqrt(jnp.square(centred).mean(axis=-1) + self.epsilon)
+        y = (centred * (rstd[..., None] * scale) + bias).astype(self.dtype)
+        return (y, rstd) if return_rstd else y
+
+
+def layer_norm(eps: float, dtype: Any, name: str | None = None) -> LayerNorm:
     """LayerNorm over the last axis with torch's biased-variance formula."""
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
-
-
-def layer_norm_rstd(x: jax.Array, eps: float) -> jax.Array:
-    """[..., D] -> [...] float32: 1 / sqrt(var + eps) over the last axis, as `layer_norm`
-    computes it (biased variance of the centred input)."""
-    x = x.astype(jnp.float32)
-    return jax.lax.rsqrt(jnp.square(x - x.mean(axis=-1, keepdims=True)).mean(axis=-1) + eps)
+    return LayerNorm(epsilon=eps, dtype=dtype, name=name)
 
 
 def softmax_matmul(logits: jax.Array, values: jax.Array, keys_first: bool = False,

@@ -32,7 +32,6 @@ from sameo_jax.models.layers import (
     Mlp,
     attention,
     layer_norm,
-    layer_norm_rstd,
     softmax_matmul,
 )
 from sameo_jax.models.low_rank import LowRankTokens
@@ -183,13 +182,11 @@ class TwoWayBlock(nn.Module):
             d, cross_dim, h, dt, name="cross_attn_image_to_token").image_to_tokens_factors(
             keys + key_pe, queries + query_pe, queries, token_log_weight)
         norm = layer_norm(DECODER_LN_EPS, dt, "norm4")
-        summed = keys + (mix @ rows + offset)
-        keys = norm(summed)
+        keys, rstd = norm(keys + (mix @ rows + offset), return_rstd=True)
         if factored is not None:
             p = norm.variables["params"]
             factored = factored.add(mix, rows, offset).layer_norm(
-                layer_norm_rstd(summed, DECODER_LN_EPS), p["scale"].astype(dt),
-                p["bias"].astype(dt))
+                rstd, p["scale"].astype(dt), p["bias"].astype(dt))
         return queries, keys, factored
 
 

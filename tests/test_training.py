@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -224,3 +225,32 @@ def test_nan_loss_stops_with_step_and_good_checkpoint(tmp_path):
     records = read_metrics(tmp_path)
     assert all(np.isfinite(r["loss"]) for r in records)
     assert records[-1]["step"] == good
+
+
+def test_resume_ignores_compute_only_fields_and_rejects_another_model(tmp_path):
+    """A workdir resumes under another dtype / chunking / factoring, or from a model config
+    saved before a compute-only field existed; a different model is refused by name."""
+    c = micro_config()
+    model_cfg = loop.build_model_config(c)
+    params = loop.initial_params(c, model_cfg)
+    tx = optimizer.make_optimizer(c, optimizer.trainable_labels(params, c.trainable))
+    state = TrainState.create(params, tx, 0)
+    ckpt = TrainCheckpointer(tmp_path, 2, async_save=False)
+    ckpt.save(state, model_cfg, c, None)
+    ckpt.wait()
+    like = abstract_like(state)
+    compute_only = dataclasses.replace(model_cfg, decoder_prompt_chunk=0,
+                                       factored_upscale=not model_cfg.factored_upscale)
+    restored = ckpt.restore(like, compute_only, None)
+    np.testing.assert_array_equal(
+        restored.params["mask_decoder"]["iou_token"], params["mask_decoder"]["iou_token"])
+    # A config saved by an older version, without the newest compute-only field.
+    [saved] = [p for p in tmp_path.rglob("*") if p.is_file() and "model_config" in str(p)
+               and p.read_text().startswith("{")]
+    old = json.loads(saved.read_text())
+    del old["factored_upscale"]
+    saved.write_text(json.dumps(old))
+    ckpt.restore(like, model_cfg, None)
+    with pytest.raises(ValueError, match="embed_dim"):
+        ckpt.restore(like, dataclasses.replace(model_cfg, embed_dim=64), None)
+    ckpt.close()

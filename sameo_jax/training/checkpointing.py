@@ -77,9 +77,17 @@ class TrainCheckpointer:
         saved_config = self.manager.restore(
             step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore())
         ).model_config
-        if saved_config != dataclasses.asdict(model_config):
-            diff = {k: (v, saved_config.get(k)) for k, v in dataclasses.asdict(model_config).items()
-                    if saved_config.get(k) != v}
+        # Fields that only change how the model computes (dtype, chunking, factoring) may
+        # differ, and fields a newer version added take their defaults: the parameters are
+        # interchangeable whenever the structures agree.
+        try:
+            saved = EfficientSamConfig.from_dict(dict(saved_config)).structure()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{self.directory}: step {step} has an unreadable model config "
+                             f"({e}); use a fresh --workdir") from None
+        if saved != model_config.structure():
+            now, then = (dataclasses.asdict(c) for c in (model_config.structure(), saved))
+            diff = {k: (v, then[k]) for k, v in now.items() if then[k] != v}
             raise ValueError(
                 f"{self.directory}: step {step} was trained with a different model config "
                 f"(field: (now, saved) = {diff}); use a fresh --workdir"

@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 
 from sameo_jax import preprocessing as pp
-from sameo_jax.models.efficient_sam import EfficientSam, init_params, model_config
+from sameo_jax.models.efficient_sam import (
+    EfficientSam,
+    init_params,
+    model_config,
+    select_masks,
+)
 from sameo_jax.models.low_rank import LowRankTokens
 from sameo_jax.models.two_way_transformer import Attention
 
@@ -189,17 +194,18 @@ def test_factored_upscale_gives_the_same_outputs_and_gradients():
     _assert_same_decoder(factored, dense, params, 6, 1e-4, 1e-3)
 
 
-def test_unused_prompt_tokens_skip_the_final_attention():
-    """Without the prompt tokens' outputs the masks, IoUs and output tokens are unchanged."""
+def test_unused_tokens_skip_the_final_attention():
+    """Without the prompt tokens' outputs the masks, IoUs and output tokens are unchanged, and
+    `decode`, which runs only the mask tokens it returns, gives the official selection."""
     config = model_config("tiny")
     model = EfficientSam(config)
     params = _perturbed(init_params(config, jax.random.key(0)), 2)
     emb = _normal(7, (1, config.embedding_size, config.embedding_size, config.embed_dim))
-    points, labels = pp.boxes_to_prompts(np.array([[[10, 20, 120, 200], [5, 6, 70, 90]]],
-                                                  np.float32))
+    points, labels = (jnp.asarray(x) for x in pp.boxes_to_prompts(
+        np.array([[[10, 20, 120, 200], [5, 6, 70, 90]]], np.float32)))
     outs = [jax.jit(lambda p, e, x, lab, keep=keep: model.apply(
         {"params": p}, e, x, lab, prompt_tokens=keep, method=EfficientSam.decode_all))(
-        params, emb, jnp.asarray(points), jnp.asarray(labels)) for keep in (True, False)]
+        params, emb, points, labels) for keep in (True, False)]
     outputs = 1 + config.num_multimask_outputs + 1  # the IoU token and the mask tokens
     assert outs[0]["tokens"].shape[2] == outputs + config.max_num_points
     assert outs[1]["tokens"].shape[2] == outputs
@@ -208,3 +214,11 @@ def test_unused_prompt_tokens_skip_the_final_attention():
     for name in ("logits", "iou", "hyper_in"):
         np.testing.assert_allclose(outs[1][name], outs[0][name], rtol=1e-5, atol=1e-5,
                                    err_msg=name)
+    for multimask in (True, False):
+        logits, iou = jax.jit(lambda p, e, x, lab, m=multimask: model.apply(
+            {"params": p}, e, x, lab, m, method=EfficientSam.decode))(params, emb, points,
+                                                                       labels)
+        want = select_masks(outs[0]["logits"], outs[0]["iou"], multimask)
+        assert logits.shape == want[0].shape and iou.shape == want[1].shape
+        np.testing.assert_allclose(logits, want[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(iou, want[1], rtol=1e-5, atol=1e-5)

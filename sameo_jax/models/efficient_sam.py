@@ -59,12 +59,14 @@ class EfficientSam(nn.Module):
         return self.image_encoder(images)
 
     def decode_all(self, embeddings: jax.Array, points: jax.Array, labels: jax.Array,
-                   prompt_tokens: bool = True) -> dict[str, jax.Array]:
+                   prompt_tokens: bool = True, mask_ids: tuple[int, ...] | None = None,
+                   ) -> dict[str, jax.Array]:
         """Like `decode`, but returns every mask token's output and the intermediates:
         {'logits' [B, Q, M, L, L], 'iou' [B, Q, M], 'sparse' [B, Q, 6, D],
          'tokens' [B, Q, T, D], 'hyper_in' [B, Q, M, D/8]} with M = multimask outputs + 1.
         The decoder's output tokens are T = 1 + M + 6, or only the 1 + M that the masks and
-        IoUs come from with `prompt_tokens=False` (the others then skip the last attention)."""
+        IoUs come from with `prompt_tokens=False` (the others then skip the last attention).
+        mask_ids: compute only these mask tokens' outputs (M becomes len(mask_ids))."""
         if points.ndim != 4 or points.shape[-1] != 2 or labels.shape != points.shape[:-1]:
             raise ValueError(
                 f"decode expects points [B, Q, P, 2] and labels [B, Q, P]; got "
@@ -83,7 +85,8 @@ class EfficientSam(nn.Module):
         sparse = self.prompt_encoder(points, labels)
         dense_pe = self.prompt_encoder.dense_pe()
         logits, iou, hyper_in, tokens = self._run_mask_decoder(sparse, embeddings, dense_pe,
-                                                               log_weight, prompt_tokens)
+                                                               log_weight, prompt_tokens,
+                                                               mask_ids)
         if copies > 1:
             sparse = _repeat_last(sparse, copies)
             if prompt_tokens:
@@ -91,13 +94,15 @@ class EfficientSam(nn.Module):
         return {"logits": logits, "iou": iou, "sparse": sparse, "tokens": tokens,
                 "hyper_in": hyper_in}
 
-    def _run_mask_decoder(self, sparse, embeddings, dense_pe, log_weight, prompt_tokens):
+    def _run_mask_decoder(self, sparse, embeddings, dense_pe, log_weight, prompt_tokens,
+                          mask_ids):
         """The mask decoder on all prompts, `config.decoder_prompt_chunk` prompts of one image
         at a time (a loop over chunks: rows of different prompts never interact)."""
         b, q = sparse.shape[:2]
         chunk = self.config.decoder_prompt_chunk
         if self.is_initializing() or not chunk or q <= chunk or q % chunk:
-            return self.mask_decoder(sparse, embeddings, dense_pe, log_weight, prompt_tokens)
+            return self.mask_decoder(sparse, embeddings, dense_pe, log_weight, prompt_tokens,
+                                     mask_ids)
         n = q // chunk
         variables = self.mask_decoder.variables
         decoder = MaskDecoder(self.config, parent=None)  # applied inside the loop
@@ -105,7 +110,7 @@ class EfficientSam(nn.Module):
         def run(args):
             image, sparse_chunk = args
             return decoder.apply(variables, sparse_chunk, embeddings[image][None], dense_pe,
-                                 log_weight, prompt_tokens)
+                                 log_weight, prompt_tokens, mask_ids)
 
         images = jnp.repeat(jnp.arange(b), n)
         chunks = sparse.reshape(b * n, 1, chunk, *sparse.shape[2:])
@@ -121,8 +126,14 @@ class EfficientSam(nn.Module):
         Returns low-res logits [B, Q, K, L, L] and raw IoU predictions [B, Q, K], with K = 3
         (multimask) or 1.
         """
-        out = self.decode_all(embeddings, points, labels, prompt_tokens=False)
-        return select_masks(out["logits"], out["iou"], multimask_output)
+        if self.is_initializing():  # every mask token's parameters
+            out = self.decode_all(embeddings, points, labels)
+            return select_masks(out["logits"], out["iou"], multimask_output)
+        # Only the selected mask tokens are decoded (the official selection, see select_masks).
+        num_masks = self.config.num_multimask_outputs + 1
+        ids = tuple(range(1, num_masks)) if multimask_output else (0,)
+        out = self.decode_all(embeddings, points, labels, prompt_tokens=False, mask_ids=ids)
+        return out["logits"], out["iou"]
 
     def __call__(self, images: jax.Array, points: jax.Array, labels: jax.Array,
                  multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sameo_jax.models.config import EfficientSamConfig
 from sameo_jax.models.layers import Mlp, gelu
@@ -59,19 +60,23 @@ class MaskDecoder(nn.Module):
     IoU [B, Q, M] for all M = num_multimask_outputs + 1 mask tokens (selection by caller).
 
     sparse_log_weight [P] (optional): log of how many identical prompt tokens each sparse
-    token stands for. The returned tokens [B, Q, T, D] are all 1 + M + P of them, or with
-    `prompt_tokens=False` only the 1 + M output tokens (which is all the masks need).
+    token stands for. mask_ids (optional): the mask tokens to compute masks and IoUs for
+    (then K = len(mask_ids) replaces M). The returned tokens [B, Q, T, D] are all 1 + M + P
+    of them, or with `prompt_tokens=False` only the IoU token and the wanted mask tokens
+    (all the outputs need; the others skip the final attention).
     """
 
     config: EfficientSamConfig
 
     @nn.compact
     def __call__(self, sparse: jax.Array, embeddings: jax.Array, dense_pe: jax.Array,
-                 sparse_log_weight: jax.Array | None = None, prompt_tokens: bool = True):
+                 sparse_log_weight: jax.Array | None = None, prompt_tokens: bool = True,
+                 mask_ids: tuple[int, ...] | None = None):
         cfg = self.config
         dt = cfg.compute_dtype
         d = cfg.embed_dim
         num_masks = cfg.num_multimask_outputs + 1
+        ids = tuple(range(num_masks)) if mask_ids is None else tuple(mask_ids)
         b, q = sparse.shape[:2]
         e = embeddings.shape[1]
         normal = nn.initializers.normal(1.0)
@@ -95,10 +100,11 @@ class MaskDecoder(nn.Module):
             d, cfg.decoder_depth, cfg.decoder_heads, cfg.decoder_mlp_dim,
             cfg.attention_downsample_rate, dt, name="transformer",
         )(tokens, keys, key_pe, token_log_weight,
-          num_outputs=None if prompt_tokens else 1 + num_masks,
+          outputs=None if prompt_tokens else (0, *(1 + i for i in ids)),
           factored_keys=cfg.factored_upscale)
         iou_out = tokens[..., 0, :]
-        mask_out = tokens[..., 1:1 + num_masks, :]
+        mask_out = tokens[..., 1:1 + len(ids), :] if not prompt_tokens else jnp.take(
+            tokens, np.asarray([1 + i for i in ids]), axis=-2)
 
         x = factored if cfg.factored_upscale else keys.reshape(b, q, e * e, d)
         x = Upsample2x(d // 4, dt, name="upscale_conv1")(x)  # [B, Q, E*E, 2, 2, d/4]
@@ -109,11 +115,11 @@ class MaskDecoder(nn.Module):
         x = gelu(Upsample2x(d // 8, dt, name="upscale_conv2")(x))  # [B, Q, E, E, 2, 2, 2, 2, d/8]
 
         hyper_in = jnp.stack(
-            [Mlp((d, d), d // 8, dt, name=f"hypernet_{i}")(mask_out[..., i, :])
-             for i in range(num_masks)], axis=-2)  # [B, Q, M, d/8]
+            [Mlp((d, d), d // 8, dt, name=f"hypernet_{i}")(mask_out[..., j, :])
+             for j, i in enumerate(ids)], axis=-2)  # [B, Q, K, d/8]
         # Channels-last product, then one transpose of the (8x smaller) mask logits.
         masks = jnp.einsum("bqhwijklc,bqmc->bqhwijklm", x, hyper_in)
-        masks = shuffle_subpixels(jnp.moveaxis(masks, -1, 2))  # [B, Q, M, 4E, 4E]
+        masks = shuffle_subpixels(jnp.moveaxis(masks, -1, 2))  # [B, Q, K, 4E, 4E]
         iou = Mlp((cfg.iou_head_hidden, cfg.iou_head_hidden), num_masks, dt,
-                  name="iou_head")(iou_out)
+                  name="iou_head")(iou_out)[..., np.asarray(ids)]
         return masks.astype(jnp.float32), iou.astype(jnp.float32), hyper_in, tokens

@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sameo_jax.models.layers import (
     Linear,
@@ -193,10 +194,10 @@ class TwoWayBlock(nn.Module):
 class TwoWayTransformer(nn.Module):
     """queries [..., T, D] tokens, keys [..., S, D] image tokens (leading dims broadcast:
     keys may be shared by all prompts of an image), key_pe [S, D]; token_log_weight [T]
-    (optional): log of how many identical tokens each token stands for; num_outputs
-    (optional): return only the first num_outputs tokens (the rest skip the final attention).
+    (optional): log of how many identical tokens each token stands for; outputs (optional):
+    indices of the tokens to return (the others skip the final attention).
 
-    Returns (queries [..., num_outputs or T, D], keys [..., S, D], factored): with
+    Returns (queries [..., len(outputs) or T, D], keys [..., S, D], factored): with
     `factored_keys=True`, `factored` is the output keys as a `LowRankTokens` (for linear maps
     that are cheaper on its pieces), else None.
     """
@@ -209,7 +210,7 @@ class TwoWayTransformer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, queries, keys, key_pe, token_log_weight=None, num_outputs=None,
+    def __call__(self, queries, keys, key_pe, token_log_weight=None, outputs=None,
                  factored_keys=False):
         query_pe = queries
         factored = LowRankTokens.of(keys) if factored_keys else None
@@ -220,8 +221,9 @@ class TwoWayTransformer(nn.Module):
             )(queries, keys, query_pe, key_pe, token_log_weight, factored)
         # The final attention only updates the tokens (each on its own), so tokens whose
         # output is not wanted are left out of it.
-        n = queries.shape[-2] if num_outputs is None else num_outputs
-        queries, query_pe = queries[..., :n, :], query_pe[..., :n, :]
+        if outputs is not None:
+            queries, query_pe = (jnp.take(x, np.asarray(outputs), axis=-2)
+                                 for x in (queries, query_pe))
         attn = Attention(self.embed_dim, self.embed_dim // self.downsample_rate, self.num_heads,
                          self.dtype, name="final_attn_token_to_image").tokens_to_image(
             queries + query_pe, keys + key_pe, keys)

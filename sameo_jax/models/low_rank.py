@@ -9,8 +9,9 @@ tokens) updates and by LayerNorms, which centre each token and scale it by a num
 
 a linear map W costs one [S, D] x [D, out] product per image (on `base`) plus, per prompt, a
 [S, k_j] x [k_j, out] product for each term (k = heads x tokens = 64 for a box prompt) instead
-of [S, D] x [D, out]. The mask decoder's first transposed convolution (D = 256 -> 4 x 64
-outputs per token) costs half as much this way. Only the order of the sums changes. The
+of [S, D] x [D, out]: (1/q + k/D) of the work for q prompts of an image, with k = 128 after
+the decoder's two layers and D = 256 for the first transposed convolution (0.75 at the
+decoder's chunks of 4 prompts). Only the order of the sums changes. The
 per-token coefficients multiply the products' outputs, so the mixes (attention weights) are
 used as they come: no scaled or concatenated copy of them is written.
 """

@@ -95,18 +95,21 @@ class MaskDecoder(nn.Module):
             token_log_weight = jnp.concatenate(
                 [jnp.zeros(1 + num_masks, jnp.float32), sparse_log_weight])
         # The first transposed convolution may read the image tokens' factored form (shared
-        # map + per-prompt low-rank sum, see low_rank.py): half the work.
+        # map + per-prompt low-rank sum of rank k, see low_rank.py): d + q k instead of q d
+        # products per token for the q prompts of an image, so with enough prompts only.
+        k = cfg.decoder_depth * cfg.decoder_heads * tokens.shape[-2]
+        use_factored = cfg.factored_upscale and q * (d - k) > d
         tokens, keys, factored = TwoWayTransformer(
             d, cfg.decoder_depth, cfg.decoder_heads, cfg.decoder_mlp_dim,
             cfg.attention_downsample_rate, dt, name="transformer",
         )(tokens, keys, key_pe, token_log_weight,
           outputs=None if prompt_tokens else (0, *(1 + i for i in ids)),
-          factored_keys=cfg.factored_upscale)
+          factored_keys=use_factored)
         iou_out = tokens[..., 0, :]
         mask_out = tokens[..., 1:1 + len(ids), :] if not prompt_tokens else jnp.take(
             tokens, np.asarray([1 + i for i in ids]), axis=-2)
 
-        x = factored if cfg.factored_upscale else keys.reshape(b, q, e * e, d)
+        x = factored if use_factored else keys.reshape(b, q, e * e, d)
         x = Upsample2x(d // 4, dt, name="upscale_conv1")(x)  # [B, Q, E*E, 2, 2, d/4]
         x = x.reshape(b, q, e, e, *x.shape[-3:])
         x = nn.GroupNorm(num_groups=1, epsilon=GROUP_NORM_EPS, use_fast_variance=False,

@@ -28,13 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sameo_jax.models.layers import (
-    Linear,
-    Mlp,
-    attention,
-    layer_norm,
-    softmax_matmul,
-)
+from sameo_jax.models.layers import Linear, Mlp, attention, layer_norm, softmax_matmul
 from sameo_jax.models.low_rank import LowRankTokens
 
 DECODER_LN_EPS = 1e-5

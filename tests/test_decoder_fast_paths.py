@@ -234,3 +234,14 @@ def test_unused_tokens_skip_the_final_attention():
         assert logits.shape == want[0].shape and iou.shape == want[1].shape
         np.testing.assert_allclose(logits, want[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(iou, want[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_ids", [(), (4,), (-1,)])
+def test_bad_mask_ids_are_named(mask_ids):
+    config = model_config("tiny")
+    params = init_params(config, jax.random.key(0))
+    emb = jnp.zeros((1, config.embedding_size, config.embedding_size, config.embed_dim))
+    points, labels = jnp.zeros((1, 1, 2, 2)), jnp.full((1, 1, 2), 2, jnp.int32)
+    with pytest.raises(ValueError, match="mask_ids"):
+        EfficientSam(config).apply({"params": params}, emb, points, labels, mask_ids=mask_ids,
+                                   method=EfficientSam.decode_all)

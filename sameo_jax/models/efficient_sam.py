@@ -71,6 +71,11 @@ class EfficientSam(nn.Module):
             raise ValueError(
                 f"decode expects points [B, Q, P, 2] and labels [B, Q, P]; got "
                 f"{points.shape} and {labels.shape}")
+        num_masks = self.config.num_multimask_outputs + 1
+        if mask_ids is not None and (not mask_ids or any(
+                not 0 <= i < num_masks for i in mask_ids)):
+            raise ValueError(f"decode_all: mask_ids={mask_ids!r}; expected mask token indices "
+                             f"in 0..{num_masks - 1}")
         # The padding points are identical tokens and stay identical through the decoder, so
         # they run as one token weighted by their count (see two_way_transformer) and are
         # copied back afterwards: a box prompt has 8 tokens to carry instead of 11.

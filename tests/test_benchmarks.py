@@ -44,3 +44,43 @@ def test_work_counts_every_prompt(rows):
     assert 3.6 < ratio <= 4.0
     assert rows["decoder_boxes_16_upsampled"]["gflops"] > rows["decoder_boxes_16"]["gflops"]
     assert rows["train_step_encoder"]["gflops"] > rows["train_step_cached"]["gflops"]
+
+
+def _compare_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return compare
+
+
+def test_compare_times_revisions_side_by_side(capsys):
+    """benchmarks/compare.py: one worker per revision, rounds alternating between them, and
+    the same outputs from the same code (here the working tree against itself, and against
+    HEAD where the checkout has git history)."""
+    compare = _compare_module()
+    import subprocess
+
+    has_git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                             capture_output=True).returncode == 0
+    revs = [".", "HEAD"] if has_git else [".", "."]
+    times = compare.main([*revs, "--variant", "tiny", "--rounds", "2",
+                          "--rows", "decoder_boxes_4", "train_step_cached"])
+    assert set(times) == {"decoder_boxes_4", "train_step_cached"}
+    for row in times.values():
+        for rev in revs:
+            assert len(row[rev]) == 2 and all(t > 0 for t in row[rev])
+    printed = capsys.readouterr().out
+    assert "min ratio" in printed and printed.count("max |output - .'s|") == 2
+    same_code = not has_git or subprocess.run(
+        ["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "sameo_jax", "configs"],
+    ).returncode == 0
+    if same_code:
+        assert printed.count("max |output - .'s| = 0\n") == 2
+
+
+def test_compare_names_a_bad_revision():
+    compare = _compare_module()
+    with pytest.raises(SystemExit, match="no-such-revision"):
+        compare.main(["no-such-revision", ".", "--variant", "tiny", "--rows", "encoder"])

@@ -106,7 +106,6 @@ def _build(row: str, variant: str):
         fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EfficientSam.encode))
         return (lambda: fn(params, images)), [np.asarray(fn(params, images))]
     if row == "train_step_cached":
-        sys.path.insert(0, str(pathlib.Path(sys.modules["sameo_jax"].__file__).parents[1]))
         from configs import sameo as sameo_configs
         from sameo_jax.training.optimizer import (
             learning_rate_schedule,

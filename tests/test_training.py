@@ -254,3 +254,55 @@ def test_resume_ignores_compute_only_fields_and_rejects_another_model(tmp_path):
     with pytest.raises(ValueError, match="embed_dim"):
         ckpt.restore(like, dataclasses.replace(model_cfg, embed_dim=64), None)
     ckpt.close()
+
+
+def test_train_step_differentiates_the_dense_convolution():
+    """The train step reads the image tokens densely whatever the model's factored_upscale
+    says (its backward is cheaper), so both settings give the very same step; the factored
+    decoder itself differs from the dense one by rounding, which is what makes this a test."""
+    from sameo_jax.models.efficient_sam import EfficientSam, model_config, param_shapes
+    from sameo_jax.preprocessing import boxes_to_prompts
+    from sameo_jax.training.step import make_train_step
+
+    config = get_config("demo")  # the tiny model's training config
+    b, n = 2, config.instances_per_image
+    config.batch_size = b
+    # Two heads: rank 2 x 2 x 8 = 32 < 64 channels, so 4 prompts take the factored path.
+    factored_cfg = model_config("tiny", decoder_heads=2, factored_upscale=True)
+    dense_cfg = dataclasses.replace(factored_cfg, factored_upscale=False)
+    shapes = param_shapes(factored_cfg)  # random values, biases included (no init compile)
+    leaves, tree = jax.tree_util.tree_flatten(shapes)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    params = jax.tree_util.tree_unflatten(tree, [
+        0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)])
+    e, low = factored_cfg.embedding_size, factored_cfg.low_res_size
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 150, (b, n, 2)).astype(np.float32)
+    batch = {
+        "prompt_boxes": np.concatenate([xy, xy + 80], -1),
+        "amodal_masks": rng.random((b, n, low, low)) > 0.5,
+        "visible_masks": rng.random((b, n, low, low)) > 0.7,
+        "valid": np.ones((b, n), bool),
+        "embedding": rng.standard_normal((b, e, e, factored_cfg.embed_dim)).astype(np.float32),
+    }
+    points, labels = boxes_to_prompts(jnp.asarray(batch["prompt_boxes"]))
+    decoded = [jax.jit(lambda p, c=c: EfficientSam(c).apply(
+        {"params": p}, jnp.asarray(batch["embedding"]), points, labels,
+        method=EfficientSam.decode)[0])(params) for c in (factored_cfg, dense_cfg)]
+    assert not np.array_equal(decoded[0], decoded[1])  # the two paths round differently
+    np.testing.assert_allclose(decoded[0], decoded[1], atol=1e-5)
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    trainable = optimizer.trainable_labels(params, config.trainable)
+    tx = optimizer.make_optimizer(config, trainable)
+    schedule = optimizer.learning_rate_schedule(config)
+    results = []
+    for cfg in (factored_cfg, dense_cfg):
+        step = make_train_step(EfficientSam(cfg), config, trainable, tx, schedule, mesh)
+        state = TrainState.create(jax.tree.map(jnp.copy, params), tx, 0)
+        results.append(step(state, batch))
+    (state_a, metrics_a), (state_b, metrics_b) = results
+    for k in metrics_a:
+        assert np.array_equal(metrics_a[k], metrics_b[k]), k
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), state_a.params,
+                 state_b.params)

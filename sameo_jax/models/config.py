@@ -38,7 +38,8 @@ class EfficientSamConfig:
     # The first transposed convolution of the mask decoder reads the image tokens in their
     # factored form (shared map + per-prompt low-rank sum, models/low_rank.py) when an image
     # has enough prompts for that to be less work (3 or more boxes). Same result; 3/4 of
-    # the convolution's work at 4 boxes per decoder call.
+    # the convolution's work at 4 boxes per decoder call. The train step switches it off
+    # (its backward costs more than the forward saves; training/step.py).
     factored_upscale: bool = True
 
     @property

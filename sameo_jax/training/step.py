@@ -7,6 +7,7 @@ runs through a frozen part (a frozen image encoder's forward is all it costs).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -63,6 +64,11 @@ def make_train_step(
     'prompt_boxes' [B, N, 4], 'amodal_masks' / 'visible_masks' bool [B, N, L, L], 'valid'.
     """
     multimask = config.mask_selection != "single"
+    # The first transposed convolution reads the image tokens densely here: its factored
+    # form (models/low_rank.py) saves forward work but its backward reduces the gradient
+    # over the prompts, and the step measured 0.89x the time without it (ViT-T, 2 images x
+    # 4 boxes, CPU). A compute-only choice: the parameters are the same.
+    model = model.clone(config=dataclasses.replace(model.config, factored_upscale=False))
 
     def train_step(state: TrainState, batch: Batch):
         # Per-step randomness for stochastic layers (dropout and the like), if the model has any.

@@ -66,8 +66,8 @@ def make_train_step(
     multimask = config.mask_selection != "single"
     # The first transposed convolution reads the image tokens densely here: its factored
     # form (models/low_rank.py) saves forward work but its backward reduces the gradient
-    # over the prompts, and the step measured 0.89x the time without it (ViT-T, 2 images x
-    # 4 boxes, CPU). A compute-only choice: the parameters are the same.
+    # over the prompts, and the step measured 0.89x-0.97x the time without it (ViT-T, 2
+    # images x 4 boxes, CPU; BENCHMARKS.md). A compute-only choice: same parameters.
     model = model.clone(config=dataclasses.replace(model.config, factored_upscale=False))
 
     def train_step(state: TrainState, batch: Batch):

@@ -1,7 +1,7 @@
 """Side-by-side speed of two (or more) revisions of sameo-jax on this machine.
 
     python benchmarks/compare.py REV_A REV_B [--rows decoder_boxes_16 train_step_cached]
-                                 [--rounds 12] [--variant vitt]
+                                 [--rounds 12] [--variant vitt] [--default-malloc N ...]
 
 A revision is a git revision (`HEAD`, `HEAD~3`, a commit) or `.` for the working tree. Each
 revision's `sameo_jax` (and `configs/`) is extracted with `git archive` and imported by its
@@ -10,6 +10,9 @@ workers, so a change in the machine's speed hits every revision alike. It prints
 revision, the minimum and median over the rounds and the ratio of minima to the first
 revision, and the largest difference between the revisions' outputs (0 or rounding for a
 change that only reorders arithmetic). Weights and inputs are random and the same for all.
+Workers start with train.py's malloc settings (sameo_jax/host_memory.py), except those named
+by `--default-malloc` (positions from 1): `compare.py . . --default-malloc 2` times the
+settings themselves.
 
 Rows: `decoder_boxes_N` (prompt encoder + mask decoder, N boxes, one image),
 `encoder` (the image encoder on one image), `train_step_cached` (decoder-only SAMEO step,
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -161,46 +165,66 @@ def worker(root: str, rows: list[str], variant: str, outputs: str) -> None:
 
 
 # ----------------------------------------------------------------------------- parent side
+def _labels(revs: list[str], default_malloc: set[int]) -> list[str]:
+    """A unique name per worker: the revision, marked when it runs on malloc's defaults,
+    numbered when it repeats."""
+    names = [rev + (" (malloc defaults)" if i in default_malloc else "")
+             for i, rev in enumerate(revs, 1)]
+    return [f"{n} #{i}" if names.count(n) > 1 else n for i, n in enumerate(names, 1)]
+
+
 def compare(revs: list[str], rows: list[str], rounds: int, variant: str,
-            ) -> dict[str, dict[str, list[float]]]:
-    """{row: {rev: [seconds per round]}}, printed as a table."""
+            default_malloc: set[int] = frozenset()) -> dict[str, dict[str, list[float]]]:
+    """{row: {label: [seconds per round]}}, printed as a table. A worker starts with the
+    malloc settings train.py uses (sameo_jax/host_memory.py; none where they do not apply),
+    so a revision older than them is timed alike, except the revisions numbered (from 1) in
+    `default_malloc`, which keep glibc's defaults."""
+    from sameo_jax.host_memory import MALLOC_VARIABLES, OPT_OUT_VARIABLE, malloc_environment
+
+    labels = _labels(revs, default_malloc)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         procs = []
         for i, rev in enumerate(revs):
             root = extract(rev, tmp / f"rev{i}")
+            env = {k: v for k, v in os.environ.items() if k not in MALLOC_VARIABLES}
+            if i + 1 in default_malloc:
+                env[OPT_OUT_VARIABLE] = "0"
+            else:
+                env.update(malloc_environment())
             procs.append(subprocess.Popen(
                 [sys.executable, __file__, "--worker", str(root), "--variant", variant,
                  "--outputs", str(tmp / f"out{i}.npz"), "--rows", *rows],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
         try:
-            for rev, p in zip(revs, procs, strict=True):
+            for label, p in zip(labels, procs, strict=True):
                 if not p.stdout.readline():
-                    raise SystemExit(f"compare.py: the worker for {rev!r} failed to start")
-            times = {row: {rev: [] for rev in revs} for row in rows}
+                    raise SystemExit(f"compare.py: the worker for {label!r} failed to start")
+            times = {row: {label: [] for label in labels} for row in rows}
             for _ in range(rounds):
                 for row in rows:
-                    for rev, p in zip(revs, procs, strict=True):
+                    for label, p in zip(labels, procs, strict=True):
                         p.stdin.write(row + "\n")
                         p.stdin.flush()
-                        times[row][rev].append(json.loads(p.stdout.readline())["seconds"])
+                        times[row][label].append(json.loads(p.stdout.readline())["seconds"])
         finally:
             for p in procs:
                 p.stdin.close()
                 p.wait()
         outs = [dict(np.load(tmp / f"out{i}.npz")) for i in range(len(revs))]
-    print(f"{'row':<22} {'revision':<14} {'min':>10} {'median':>10} {'min ratio':>10}")
+    width = max(14, *map(len, labels))
+    print(f"{'row':<22} {'revision':<{width}} {'min':>10} {'median':>10} {'min ratio':>10}")
     for row in rows:
-        first = min(times[row][revs[0]])
-        for rev in revs:
-            t = times[row][rev]
-            print(f"{row:<22} {rev:<14} {min(t) * 1e3:8.1f}ms {statistics.median(t) * 1e3:8.1f}ms"
-                  f" {min(t) / first:9.3f}x")
-        for rev, out in zip(revs[1:], outs[1:], strict=True):
+        first = min(times[row][labels[0]])
+        for label in labels:
+            t = times[row][label]
+            print(f"{row:<22} {label:<{width}} {min(t) * 1e3:8.1f}ms "
+                  f"{statistics.median(t) * 1e3:8.1f}ms {min(t) / first:9.3f}x")
+        for label, out in zip(labels[1:], outs[1:], strict=True):
             keys = [k for k in outs[0] if k.startswith(row + "/")]
             diff = max(float(np.max(np.abs(out[k] - outs[0][k]))) if out[k].shape ==
                        outs[0][k].shape else float("inf") for k in keys)
-            print(f"{'':<22} {rev:<14} max |output - {revs[0]}'s| = {diff:.3g}")
+            print(f"{'':<22} {label:<{width}} max |output - {labels[0]}'s| = {diff:.3g}")
     return times
 
 
@@ -210,6 +234,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]] | N
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS))
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--variant", default="vitt")
+    parser.add_argument("--default-malloc", nargs="+", type=int, default=[], metavar="N",
+                        help="run the N-th revisions (from 1) on glibc's malloc defaults, "
+                             "e.g. '. . --default-malloc 2' times train.py's malloc settings")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--outputs", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -218,7 +245,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]] | N
         return None
     if len(args.revs) < 2:
         parser.error("give at least two revisions (e.g. HEAD~1 .)")
-    return compare(args.revs, args.rows, args.rounds, args.variant)
+    bad = [n for n in args.default_malloc if not 1 <= n <= len(args.revs)]
+    if bad:
+        parser.error(f"--default-malloc {bad}: there are {len(args.revs)} revisions")
+    return compare(args.revs, args.rows, args.rounds, args.variant, set(args.default_malloc))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sameo_jax import preprocessing as pp
+from sameo_jax.host_memory import OPT_OUT_VARIABLE, reuse_freed_host_memory
 from sameo_jax.models.efficient_sam import EfficientSam, model_config, param_shapes
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # for configs/
@@ -213,7 +214,10 @@ def bench_train_steps(table: Table, repeats: int, variant: str = "vitt") -> None
         table.add(name, run, (data,), flops, repeats, f"{b} images x {n} boxes")
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def main(argv: list[str] | None = None, keep_freed_memory: bool = False,
+         ) -> list[dict[str, Any]]:
+    """Run the benchmark rows and print the table. keep_freed_memory: first apply train.py's
+    malloc settings (sameo_jax/host_memory.py; the command line does)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="ViT-T and the decoder only")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
@@ -224,12 +228,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     variant = args.variant or "vitt"
 
+    reused = keep_freed_memory and reuse_freed_host_memory()  # before JAX starts; CPU only
     device = jax.devices()[0]
     device_name = f"{device.platform}:{device.device_kind}"
     if device.platform != "cpu":  # compare with float32 goldens at full precision
         jax.config.update("jax_default_matmul_precision", "highest")
     print(f"device {device_name} x{jax.device_count()}; 'rate' is the f32 matmul GFLOP/s "
           "(best of 5) measured just before each row, 'floor' = work / rate")
+    print("host memory: " + ("freed blocks kept for reuse" if reused else
+                             f"malloc defaults ({OPT_OUT_VARIABLE}, sameo_jax/host_memory.py)"))
     print(f"{'name':<28} {'time':>13} {'work':>15} {'rate':>7} {'floor':>12} {'ratio':>8}")
     table = Table(device_name)
     encoders = [variant] if args.quick or args.variant else [variant, "vits"]
@@ -256,4 +263,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    main(keep_freed_memory=True)

@@ -103,12 +103,18 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
 
     # Multi-host: call jax.distributed.initialize() (cluster auto-detection) first.
     c.distributed = False
+    # On a CPU, keep freed host memory for reuse (train.py; sameo_jax/host_memory.py): the
+    # ViT-T step's ~1 GB of temporaries is otherwise page-faulted in afresh every step
+    # (0.62x-0.67x the step time with it). It puts all threads on one malloc arena, which
+    # small programs pay for: the demo's steps ran 1.5x slower, so the demo turns it off.
+    c.keep_freed_host_memory = True
 
     if arg == "demo":
         # Random encoders carry no knowledge, so with no pretrained checkpoint everything
         # trains; give --config.init_checkpoint and --config.trainable="('mask_decoder/',)"
         # to run the SAMEO recipe (decoder-only) instead.
         c.trainable = (".*",)
+        c.keep_freed_host_memory = False
         c.model.overrides.img_size = 128
         # Scenes rendered at the model's input size, objects large enough to keep their
         # shape at the 32 x 32 mask size, and heavy occlusion (30-70% hidden), so that

@@ -57,30 +57,34 @@ def _compare_module():
 
 def test_compare_times_revisions_side_by_side(capsys):
     """benchmarks/compare.py: one worker per revision, rounds alternating between them, and
-    the same outputs from the same code (here the working tree against itself, and against
-    HEAD where the checkout has git history)."""
+    the same outputs from the same code (here the working tree, with train.py's malloc
+    settings, against HEAD on malloc's defaults, or against itself without git history)."""
     compare = _compare_module()
     import subprocess
 
     has_git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
                              capture_output=True).returncode == 0
-    revs = [".", "HEAD"] if has_git else [".", "."]
-    times = compare.main([*revs, "--variant", "tiny", "--rounds", "2",
+    revs = [".", "HEAD" if has_git else "."]
+    labels = [".", f"{revs[1]} (malloc defaults)"]
+    times = compare.main([*revs, "--variant", "tiny", "--rounds", "2", "--default-malloc", "2",
                           "--rows", "decoder_boxes_4", "train_step_cached"])
     assert set(times) == {"decoder_boxes_4", "train_step_cached"}
     for row in times.values():
-        for rev in revs:
-            assert len(row[rev]) == 2 and all(t > 0 for t in row[rev])
+        assert list(row) == labels
+        assert all(len(t) == 2 and min(t) > 0 for t in row.values())
     printed = capsys.readouterr().out
-    assert "min ratio" in printed and printed.count("max |output - .'s|") == 2
+    assert "min ratio" in printed and printed.count(f"max |output - {labels[0]}'s|") == 2
     same_code = not has_git or subprocess.run(
         ["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "sameo_jax", "configs"],
     ).returncode == 0
-    if same_code:
-        assert printed.count("max |output - .'s| = 0\n") == 2
+    if same_code:  # neither the revision nor the malloc settings change a result
+        assert printed.count(f"max |output - {labels[0]}'s| = 0\n") == 2
 
 
-def test_compare_names_a_bad_revision():
+def test_compare_names_a_bad_revision(capsys):
     compare = _compare_module()
     with pytest.raises(SystemExit, match="no-such-revision"):
         compare.main(["no-such-revision", ".", "--variant", "tiny", "--rows", "encoder"])
+    with pytest.raises(SystemExit):
+        compare.main([".", ".", "--default-malloc", "3", "--rows", "encoder"])
+    assert "--default-malloc [3]: there are 2 revisions" in capsys.readouterr().err

@@ -10,9 +10,9 @@ workers, so a change in the machine's speed hits every revision alike. It prints
 revision, the minimum and median over the rounds and the ratio of minima to the first
 revision, and the largest difference between the revisions' outputs (0 or rounding for a
 change that only reorders arithmetic). Weights and inputs are random and the same for all.
-Workers start with train.py's malloc settings (sameo_jax/host_memory.py), except those named
-by `--default-malloc` (positions from 1): `compare.py . . --default-malloc 2` times the
-settings themselves.
+Workers start with the malloc settings of sameo_jax/host_memory.py (what train.py applies for
+vitt/vits and run.py always), except those named by `--default-malloc` (positions from 1):
+`compare.py . . --default-malloc 2` times the settings themselves.
 
 Rows: `decoder_boxes_N` (prompt encoder + mask decoder, N boxes, one image),
 `encoder` (the image encoder on one image), `train_step_cached` (decoder-only SAMEO step,
@@ -176,7 +176,7 @@ def _labels(revs: list[str], default_malloc: set[int]) -> list[str]:
 def compare(revs: list[str], rows: list[str], rounds: int, variant: str,
             default_malloc: set[int] = frozenset()) -> dict[str, dict[str, list[float]]]:
     """{row: {label: [seconds per round]}}, printed as a table. A worker starts with the
-    malloc settings train.py uses (sameo_jax/host_memory.py; none where they do not apply),
+    malloc settings of sameo_jax/host_memory.py (none where they do not apply),
     so a revision older than them is timed alike, except the revisions numbered (from 1) in
     `default_malloc`, which keep glibc's defaults."""
     from sameo_jax.host_memory import MALLOC_VARIABLES, OPT_OUT_VARIABLE, malloc_environment

@@ -15,7 +15,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sameo_jax.host_memory import reuse_freed_host_memory
-from sameo_jax.training.loop import train_and_evaluate
+from sameo_jax.models.config import kept_memory_config
+from sameo_jax.training.loop import build_model_config, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/sameo.py:demo.", lock_config=True
@@ -31,15 +32,28 @@ class _QuietCheckpointLibrary(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
+def use_kept_memory_chunks(config) -> None:
+    """In a process that keeps freed host memory: the encoder's attention in the bigger query
+    chunks that pay there (models/config.py `kept_memory_config`), unless the config's model
+    overrides name their own `encoder_attention_chunk`."""
+    if "encoder_attention_chunk" in config.model.overrides:
+        return
+    chunk = kept_memory_config(build_model_config(config)).encoder_attention_chunk
+    with config.unlocked():
+        config.model.overrides.encoder_attention_chunk = chunk
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietCheckpointLibrary())
-    if _CONFIG.value.get("keep_freed_host_memory", False):
-        reuse_freed_host_memory()  # before JAX starts: no page faults per step (CPU only)
+    config = _CONFIG.value
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        # Before JAX starts: no page faults per step (CPU only; False where not applied).
+        if config.get("keep_freed_host_memory", False) and reuse_freed_host_memory():
+            use_kept_memory_chunks(config)
+        train_and_evaluate(config, _WORKDIR.value)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -32,9 +32,12 @@ import numpy as np
 
 from sameo_jax import preprocessing as pp
 from sameo_jax.host_memory import OPT_OUT_VARIABLE, reuse_freed_host_memory
+from sameo_jax.models.config import kept_memory_config
 from sameo_jax.models.efficient_sam import EfficientSam, model_config, param_shapes
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # for configs/
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # for products.py
+from products import ProductTimer, hlo_products  # noqa: E402
 
 IMAGE_HW = (603, 1072)  # the reference image's size, for the upsample rows
 
@@ -91,28 +94,51 @@ def matmul_rate(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
 
 
 class Table:
-    """Rows of (time, FLOPs, floor). The matmul rate is measured again right before each
-    row is timed, so a load change on a shared machine moves both sides of the ratio."""
+    """Rows of (time, FLOPs, floor, product floor). The matmul rate is measured again right
+    before each row is timed, so a load change on a shared machine moves both sides of the
+    ratio; the row's products are timed right after it (products.py)."""
 
-    def __init__(self, device: str):
-        self.device, self.rows = device, []
+    def __init__(self, device: str, detail: int = 0):
+        self.device, self.rows, self.detail = device, [], detail
+        self.timer: ProductTimer | None = None
 
     def add(self, name: str, fn: Callable, args: tuple, flops: float, repeats: int,
-            note: str = "") -> None:
+            note: str = "", hlo: str | None = None) -> None:
+        """hlo: the optimized HLO text of what `fn` runs, for the product floor."""
         rate = matmul_rate()
         seconds = time_call(fn, args, repeats)
         floor = flops / rate
         row = {"name": name, "seconds": seconds, "gflops": flops / 1e9,
                "floor_seconds": floor, "matmul_gflops_per_s": rate / 1e9,
                "device": self.device, "note": note}
+        products = None
+        if hlo is not None:
+            self.timer = self.timer or ProductTimer(rate)
+            products = hlo_products(hlo)
+            row["products_seconds"] = self.timer.floor(products)
         self.rows.append(row)
         ratio = seconds / floor if floor else float("nan")
+        prod = row.get("products_seconds")
+        prod_text = (f"{prod * 1e3:9.1f} ms {seconds / prod:6.2f}x" if prod
+                     else f"{'-':>12} {'-':>7}")
         print(f"{name:<28} {seconds * 1e3:10.1f} ms {flops / 1e9:9.2f} GFLOP "
-              f"{rate / 1e9:7.1f} {floor * 1e3:9.1f} ms {ratio:7.2f}x  {note}", flush=True)
+              f"{rate / 1e9:7.1f} {floor * 1e3:9.1f} ms {ratio:7.2f}x {prod_text}  {note}",
+              flush=True)
+        if products and self.detail:
+            for text, count, total, speed in self.timer.breakdown(products, self.detail):
+                print(f"    {total * 1e3:8.1f} ms = {count:4d} x {text}  "
+                      f"({speed / 1e9:.0f} GFLOP/s)")
 
 
-def bench_encoder(table: Table, variant: str, repeats: int, dtype: str = "float32") -> None:
-    config = model_config(variant, dtype=dtype)
+def tuned(config, kept: bool):
+    """The model config as train.py runs it: with freed host memory kept, the encoder's
+    bigger attention chunks (`kept_memory_config`)."""
+    return kept_memory_config(config) if kept else config
+
+
+def bench_encoder(table: Table, variant: str, repeats: int, dtype: str = "float32",
+                  kept: bool = False) -> None:
+    config = tuned(model_config(variant, dtype=dtype), kept)
     model = EfficientSam(config)
     params = random_params(config)
     s = config.img_size
@@ -124,7 +150,7 @@ def bench_encoder(table: Table, variant: str, repeats: int, dtype: str = "float3
         {"params": p}, x, method=EfficientSam.encode)), (params, images))
     suffix = "" if dtype == "float32" else f"_{dtype}"
     table.add(f"encoder_{variant}{suffix}", compiled, (params, images), flops, repeats,
-              f"1x3x{s}x{s}")
+              f"1x3x{s}x{s}", compiled.as_text())
 
 
 def bench_decoder(table: Table, repeats: int, variant: str = "vitt") -> None:
@@ -159,10 +185,11 @@ def bench_decoder(table: Table, repeats: int, variant: str = "vitt") -> None:
             flops = xla_flops(jax.jit(functools.partial(fn, model=counted)), args)
             low = config.low_res_size
             note = f"low-res {low}x{low}" if fn is decode else f"3 masks at {h}x{w}"
-            table.add(name, compiled, args, flops, repeats, note)
+            table.add(name, compiled, args, flops, repeats, note, compiled.as_text())
 
 
-def bench_train_steps(table: Table, repeats: int, variant: str = "vitt") -> None:
+def bench_train_steps(table: Table, repeats: int, variant: str = "vitt",
+                      kept: bool = False) -> None:
     """Decoder-only SAMEO step (the ViT-T training config, 2 images x `instances_per_image`
     boxes, on `variant`'s model) with and without cached embeddings."""
     from configs import sameo as sameo_configs
@@ -177,7 +204,7 @@ def bench_train_steps(table: Table, repeats: int, variant: str = "vitt") -> None
     config = sameo_configs.get_config("vitt")
     b, n = 2, config.instances_per_image
     config.batch_size = b
-    model_cfg = model_config(variant)
+    model_cfg = tuned(model_config(variant), kept)
     params = random_params(model_cfg)
     s, e, low = model_cfg.img_size, model_cfg.embedding_size, model_cfg.low_res_size
     labels = trainable_labels(params, config.trainable)
@@ -211,7 +238,8 @@ def bench_train_steps(table: Table, repeats: int, variant: str = "vitt") -> None
             holder["state"], metrics = compiled(holder["state"], d)
             return metrics["loss"]
 
-        table.add(name, run, (data,), flops, repeats, f"{b} images x {n} boxes")
+        table.add(name, run, (data,), flops, repeats, f"{b} images x {n} boxes",
+                  compiled.as_text())
 
 
 def main(argv: list[str] | None = None, keep_freed_memory: bool = False,
@@ -225,6 +253,8 @@ def main(argv: list[str] | None = None, keep_freed_memory: bool = False,
     parser.add_argument("--variant", default=None,
                         help="measure every row on this model variant only (e.g. 'tiny' to "
                              "check the script quickly); default: ViT-T, and ViT-S encoders")
+    parser.add_argument("--detail", type=int, default=0, metavar="N",
+                        help="also print each row's N most expensive products (timed alone)")
     args = parser.parse_args(argv)
     variant = args.variant or "vitt"
 
@@ -234,20 +264,24 @@ def main(argv: list[str] | None = None, keep_freed_memory: bool = False,
     if device.platform != "cpu":  # compare with float32 goldens at full precision
         jax.config.update("jax_default_matmul_precision", "highest")
     print(f"device {device_name} x{jax.device_count()}; 'rate' is the f32 matmul GFLOP/s "
-          "(best of 5) measured just before each row, 'floor' = work / rate")
-    print("host memory: " + ("freed blocks kept for reuse" if reused else
-                             f"malloc defaults ({OPT_OUT_VARIABLE}, sameo_jax/host_memory.py)"))
-    print(f"{'name':<28} {'time':>13} {'work':>15} {'rate':>7} {'floor':>12} {'ratio':>8}")
-    table = Table(device_name)
+          "(best of 5) measured just before each row, 'floor' = work / rate, 'products' = "
+          "the call's dots and convolutions each timed alone (benchmarks/products.py)")
+    print("host memory: " + ("freed blocks kept for reuse, and the encoder's attention in "
+                             "the query chunks that pay there (kept_memory_config)" if reused
+                             else f"malloc defaults ({OPT_OUT_VARIABLE}, "
+                                  "sameo_jax/host_memory.py)"))
+    print(f"{'name':<28} {'time':>13} {'work':>15} {'rate':>7} {'floor':>12} {'ratio':>8} "
+          f"{'products':>12} {'ratio':>7}")
+    table = Table(device_name, args.detail)
     encoders = [variant] if args.quick or args.variant else [variant, "vits"]
     for name in encoders:
-        bench_encoder(table, name, args.repeats)
+        bench_encoder(table, name, args.repeats, kept=reused)
     if not args.quick and device.platform != "cpu":
         for name in encoders:
             bench_encoder(table, name, args.repeats, "bfloat16")
     bench_decoder(table, args.repeats, variant)
     if not args.quick:
-        bench_train_steps(table, args.repeats, variant)
+        bench_train_steps(table, args.repeats, variant, kept=reused)
     rows = {r["name"]: r for r in table.rows}
     if "decoder_boxes_16" in rows:
         per_box = ((rows["decoder_boxes_64"]["seconds"] - rows["decoder_boxes_16"]["seconds"])

@@ -35,6 +35,8 @@ def test_rows_and_schema(rows):
         assert row["floor_seconds"] == pytest.approx(
             row["gflops"] * 1e9 / (row["matmul_gflops_per_s"] * 1e9))
         assert row["device"].startswith("cpu")
+        # The row's dots and convolutions, each timed alone (benchmarks/products.py).
+        assert row["products_seconds"] > 0
 
 
 def test_work_counts_every_prompt(rows):

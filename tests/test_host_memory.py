@@ -6,6 +6,7 @@ backend."""
 
 import json
 import os
+import pathlib
 import platform
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import textwrap
 import pytest
 
 from sameo_jax import host_memory
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -93,3 +96,57 @@ def test_applies_only_where_jax_runs_on_the_cpu(monkeypatch):
         assert host_memory.malloc_environment() == {}
     finally:
         jax.config.update("jax_platforms", platforms)
+
+
+def test_kept_memory_config_enlarges_only_the_encoder_attention_chunks():
+    """ViT-T 1024 and ViT-S 512 queries at a time (48 MiB of logits per image); a model whose
+    chunks already cover its tokens, or that does not chunk, is left as it is."""
+    import dataclasses
+
+    from sameo_jax.models.config import kept_memory_config, model_config
+
+    for variant, chunk in (("vitt", 1024), ("vits", 512), ("tiny", 256)):
+        config = model_config(variant)
+        kept = kept_memory_config(config)
+        assert kept.encoder_attention_chunk == chunk
+        assert dataclasses.replace(kept, encoder_attention_chunk=256) == config
+    assert kept_memory_config(model_config("vitt", encoder_attention_chunk=0)) \
+        .encoder_attention_chunk == 0
+    assert kept_memory_config(model_config("vitt", encoder_attention_chunk=2048)) \
+        .encoder_attention_chunk == 2048
+
+
+def test_encoder_attention_chunks_do_not_change_the_embeddings():
+    """Query chunks are rows of independent softmaxes: any two chunk sizes give the same
+    embeddings bit for bit, and the unchunked program the same up to rounding."""
+    import jax
+    import numpy as np
+
+    from sameo_jax.models.efficient_sam import EfficientSam, init_params, model_config
+
+    images = jax.random.uniform(jax.random.key(1), (1, 256, 256, 3))
+    params = init_params(model_config("tiny"), jax.random.key(0))
+    out = {chunk: np.asarray(EfficientSam(model_config("tiny", encoder_attention_chunk=chunk))
+                             .apply({"params": params}, images, method=EfficientSam.encode))
+           for chunk in (0, 32, 128)}
+    np.testing.assert_array_equal(out[32], out[128])
+    np.testing.assert_allclose(out[128], out[0], rtol=0, atol=1e-5)
+
+
+def test_train_py_takes_the_kept_memory_chunks_unless_the_config_names_one():
+    sys.path.insert(0, str(ROOT))
+    try:
+        import train
+        from configs import sameo
+    finally:
+        sys.path.remove(str(ROOT))
+
+    for variant, chunk in (("vitt", 1024), ("vits", 512)):
+        config = sameo.get_config(variant)
+        config.lock()
+        train.use_kept_memory_chunks(config)
+        assert config.model.overrides.encoder_attention_chunk == chunk
+    config = sameo.get_config("vitt")
+    config.model.overrides.encoder_attention_chunk = 128
+    train.use_kept_memory_chunks(config)
+    assert config.model.overrides.encoder_attention_chunk == 128

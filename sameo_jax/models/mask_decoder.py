@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sameo_jax.models.config import EfficientSamConfig
-from sameo_jax.models.layers import Mlp, gelu
+from sameo_jax.models.layers import Mlp, gelu, rows_times_kernel
 from sameo_jax.models.low_rank import LowRankTokens
 from sameo_jax.models.two_way_transformer import TwoWayTransformer
 
@@ -41,8 +41,8 @@ class Upsample2x(nn.Module):
             y = x.linear(w, jnp.tile(bias.astype(dt), 4)).dense()
         else:
             # Bias added over one merged sub-pixel axis: its gradient is a plain column sum.
-            y = ((x.astype(dt) @ w).reshape(-1, f) + bias.astype(dt)).reshape(
-                *x.shape[:-1], 4 * f)
+            rows = rows_times_kernel(x.astype(dt).reshape(-1, c), w)
+            y = (rows.reshape(-1, f) + bias.astype(dt)).reshape(*x.shape[:-1], 4 * f)
         return y.reshape(*y.shape[:-1], 2, 2, f)
 
 

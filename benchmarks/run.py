@@ -113,7 +113,7 @@ class Table:
                "device": self.device, "note": note}
         products = None
         if hlo is not None:
-            self.timer = self.timer or ProductTimer(rate)
+            self.timer = self.timer or ProductTimer(rate, repeats)
             products = hlo_products(hlo)
             row["products_seconds"] = self.timer.floor(products)
         self.rows.append(row)

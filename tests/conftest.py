@@ -28,3 +28,21 @@ def shared_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def reference_dir(shared_dir) -> pathlib.Path:
     return shared_dir / "reference"
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """Imports a script of benchmarks/ by name (the folder is not a package)."""
+    import importlib
+    import sys
+
+    folder = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+
+    def load(name: str):
+        sys.path.insert(0, folder)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(folder)
+
+    return load

@@ -3,7 +3,6 @@ counted over every prompt and every loop iteration."""
 
 import json
 import pathlib
-import sys
 
 import pytest
 
@@ -11,12 +10,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import run
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def rows(tmp_path_factory, benchmark_module):
+    run = benchmark_module("run")
     out = tmp_path_factory.mktemp("bench") / "rows.json"
     returned = run.main(["--variant", "tiny", "--repeats", "1", "--json", str(out)])
     written = json.loads(out.read_text())
@@ -48,20 +43,11 @@ def test_work_counts_every_prompt(rows):
     assert rows["train_step_encoder"]["gflops"] > rows["train_step_cached"]["gflops"]
 
 
-def _compare_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import compare
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return compare
-
-
-def test_compare_times_revisions_side_by_side(capsys):
+def test_compare_times_revisions_side_by_side(capsys, benchmark_module):
     """benchmarks/compare.py: one worker per revision, rounds alternating between them, and
     the same outputs from the same code (here the working tree, with train.py's malloc
     settings, against HEAD on malloc's defaults, or against itself without git history)."""
-    compare = _compare_module()
+    compare = benchmark_module("compare")
     import subprocess
 
     has_git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
@@ -83,8 +69,8 @@ def test_compare_times_revisions_side_by_side(capsys):
         assert printed.count(f"max |output - {labels[0]}'s| = 0\n") == 2
 
 
-def test_compare_names_a_bad_revision(capsys):
-    compare = _compare_module()
+def test_compare_names_a_bad_revision(capsys, benchmark_module):
+    compare = benchmark_module("compare")
     with pytest.raises(SystemExit, match="no-such-revision"):
         compare.main(["no-such-revision", ".", "--variant", "tiny", "--rows", "encoder"])
     with pytest.raises(SystemExit):

@@ -1,25 +1,15 @@
 """benchmarks/products.py: the products of a compiled call, read from its optimized HLO with
 the number of times each runs, and timed on their own."""
 
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def products():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import products
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return products
+def products(benchmark_module):
+    return benchmark_module("products")
 
 
 def _program(x, w, k, images):

@@ -9,7 +9,7 @@ the same shapes, fastest of a few runs). The sum is what the call's products cos
 nothing else around them: its elementwise work, memory passes and scheduling add to it.
 
     products = hlo_products(compiled.as_text())
-    seconds = ProductTimer().floor(products)
+    seconds = ProductTimer(peak=matmul_flops_per_second).floor(products)
 
 Only dots and convolutions count; products inside conditionals are left out (the floor stays a
 lower bound), as are products of less than `TINY_FLOPS`, whose standalone time would be the
@@ -96,11 +96,8 @@ class Product:
 
 
 def _ints(text: str | None) -> tuple[int, ...]:
+    """'{0,2}' or '4,4096' (or None) -> (0, 2) / (4, 4096) / ()."""
     return tuple(int(i) for i in text.strip("{}").split(",") if i) if text else ()
-
-
-def _dims(text: str) -> tuple[int, ...]:
-    return tuple(int(i) for i in text.split(",") if i)
 
 
 def _dim_labels(text: str) -> tuple[str, str, str]:
@@ -166,16 +163,16 @@ def hlo_products(hlo_text: str) -> list[tuple[Product, int]]:
         if not array:
             continue
         dtype, dims, op, operands, rest = array.groups()
-        shapes[current][name] = (dtype, _dims(dims))
+        shapes[current][name] = (dtype, _ints(dims))
         if op in ("dot", "convolution"):
             inline = re.findall(_SHAPE, operands)  # newer HLO prints operand shapes inline
             if len(inline) >= 2:
                 (lt, ls), (rt, rs) = inline[:2]
-                lhs, rhs = (lt, _dims(ls)), (rt, _dims(rs))
+                lhs, rhs = (lt, _ints(ls)), (rt, _ints(rs))
             else:
                 names = [o.strip().lstrip("%") for o in operands.split(",")[:2]]
                 lhs, rhs = (shapes[current][n] for n in names)
-            found[current].append(Product(op, lhs[1], rhs[1], lhs[0], _dims(dims),
+            found[current].append(Product(op, lhs[1], rhs[1], lhs[0], _ints(dims),
                                            _attributes(rest)))
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")

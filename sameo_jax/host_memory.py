@@ -28,7 +28,7 @@ blocks: compiling takes about 1.3x as long, and the tiny demo model's training s
 1.5x slower. So train.py calls it where the config asks (`keep_freed_host_memory`: the
 vitt/vits configs, not the demo), and `benchmarks/run.py` does; evaluate.py and predict.py
 (mostly the encoder) and the test suite (mostly compiling) leave malloc as it is. Where the
-settings took effect, those two also give the encoder bigger attention chunks
+settings took effect, train.py and run.py also give the encoder bigger attention chunks
 (`models/config.kept_memory_config`), which run 0.81x-0.89x the encoder's time there.
 """
 

@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py REV_A REV_B [--rows decoder_boxes_16 train_step_cached]
                                  [--rounds 12] [--variant vitt] [--default-malloc N ...]
+                                 [--set N FIELD=VALUE ...]
 
 A revision is a git revision (`HEAD`, `HEAD~3`, a commit) or `.` for the working tree. Each
 revision's `sameo_jax` (and `configs/`) is extracted with `git archive` and imported by its
@@ -12,7 +13,10 @@ revision, and the largest difference between the revisions' outputs (0 or roundi
 change that only reorders arithmetic). Weights and inputs are random and the same for all.
 Workers start with the malloc settings of sameo_jax/host_memory.py (what train.py applies for
 vitt/vits and run.py always), except those named by `--default-malloc` (positions from 1):
-`compare.py . . --default-malloc 2` times the settings themselves.
+`compare.py . . --default-malloc 2` times the settings themselves. `--set N FIELD=VALUE`
+gives the N-th revision's model a config field of its own (repeatable), so one revision can
+be timed against itself with another setting:
+`compare.py HEAD HEAD --set 2 encoder_attention_chunk=1024 --rows encoder`.
 
 Rows: `decoder_boxes_N` (prompt encoder + mask decoder, N boxes, one image),
 `encoder` (the image encoder on one image), `train_step_cached` (decoder-only SAMEO step,
@@ -22,6 +26,8 @@ Rows: `decoder_boxes_N` (prompt encoder + mask decoder, N boxes, one image),
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import json
 import os
 import pathlib
@@ -81,7 +87,7 @@ def _random_params(config, seed: int = 0) -> Any:
         param_shapes(config))
 
 
-def _build(row: str, variant: str):
+def _build(row: str, variant: str, overrides: dict[str, Any]):
     """(call, outputs of a first call as numpy arrays) for one row."""
     import jax
     import jax.numpy as jnp
@@ -89,7 +95,11 @@ def _build(row: str, variant: str):
     from sameo_jax import preprocessing as pp
     from sameo_jax.models.efficient_sam import EfficientSam, model_config
 
-    config = model_config(variant)
+    try:
+        config = model_config(variant, **overrides)
+    except TypeError as err:  # a field this revision's config does not have
+        raise SystemExit(f"compare.py worker: cannot set {overrides} on this revision's "
+                         f"model config: {err}") from None
     model = EfficientSam(config)
     params = _random_params(config)
     rng = np.random.default_rng(1)
@@ -144,7 +154,8 @@ def _build(row: str, variant: str):
                      "train_step_cached")
 
 
-def worker(root: str, rows: list[str], variant: str, outputs: str) -> None:
+def worker(root: str, rows: list[str], variant: str, outputs: str,
+           overrides: dict[str, Any]) -> None:
     """Serve timing requests on stdin: each line names a row, the reply is its seconds."""
     _import_tree(root)
     import jax
@@ -152,7 +163,7 @@ def worker(root: str, rows: list[str], variant: str, outputs: str) -> None:
     calls = {}
     saved = {}
     for row in rows:
-        calls[row], outs = _build(row, variant)
+        calls[row], outs = _build(row, variant, overrides)
         jax.block_until_ready(calls[row]())  # warm-up after the compile
         saved.update({f"{row}/{i}": x for i, x in enumerate(outs)})
     np.savez(outputs, **saved)
@@ -165,23 +176,41 @@ def worker(root: str, rows: list[str], variant: str, outputs: str) -> None:
 
 
 # ----------------------------------------------------------------------------- parent side
-def _labels(revs: list[str], default_malloc: set[int]) -> list[str]:
-    """A unique name per worker: the revision, marked when it runs on malloc's defaults,
-    numbered when it repeats."""
-    names = [rev + (" (malloc defaults)" if i in default_malloc else "")
+def parse_setting(text: str) -> tuple[str, Any]:
+    """'FIELD=VALUE' -> (field, value); the value is a Python literal (1024, 0.5, False,
+    'name') or else the plain string."""
+    field, sep, value = text.partition("=")
+    if not sep or not field.strip():
+        raise ValueError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        return field.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return field.strip(), value.strip()
+
+
+def _labels(revs: list[str], default_malloc: set[int],
+            overrides: dict[int, dict[str, Any]]) -> list[str]:
+    """A unique name per worker: the revision with its settings, marked when it runs on
+    malloc's defaults, numbered when it repeats."""
+    names = [rev + "".join(f" [{k}={v}]" for k, v in overrides.get(i, {}).items())
+             + (" (malloc defaults)" if i in default_malloc else "")
              for i, rev in enumerate(revs, 1)]
     return [f"{n} #{i}" if names.count(n) > 1 else n for i, n in enumerate(names, 1)]
 
 
 def compare(revs: list[str], rows: list[str], rounds: int, variant: str,
-            default_malloc: set[int] = frozenset()) -> dict[str, dict[str, list[float]]]:
+            default_malloc: set[int] = frozenset(),
+            overrides: dict[int, dict[str, Any]] | None = None,
+            ) -> dict[str, dict[str, list[float]]]:
     """{row: {label: [seconds per round]}}, printed as a table. A worker starts with the
     malloc settings of sameo_jax/host_memory.py (none where they do not apply),
     so a revision older than them is timed alike, except the revisions numbered (from 1) in
-    `default_malloc`, which keep glibc's defaults."""
+    `default_malloc`, which keep glibc's defaults. `overrides` maps a revision's number to
+    model config fields it runs with."""
     from sameo_jax.host_memory import MALLOC_VARIABLES, OPT_OUT_VARIABLE, malloc_environment
 
-    labels = _labels(revs, default_malloc)
+    overrides = overrides or {}
+    labels = _labels(revs, default_malloc, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         procs = []
@@ -194,7 +223,8 @@ def compare(revs: list[str], rows: list[str], rounds: int, variant: str,
                 env.update(malloc_environment())
             procs.append(subprocess.Popen(
                 [sys.executable, __file__, "--worker", str(root), "--variant", variant,
-                 "--outputs", str(tmp / f"out{i}.npz"), "--rows", *rows],
+                 "--outputs", str(tmp / f"out{i}.npz"),
+                 "--overrides", json.dumps(overrides.get(i + 1, {})), "--rows", *rows],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
         try:
             for label, p in zip(labels, procs, strict=True):
@@ -237,18 +267,48 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]] | N
     parser.add_argument("--default-malloc", nargs="+", type=int, default=[], metavar="N",
                         help="run the N-th revisions (from 1) on glibc's malloc defaults, "
                              "e.g. '. . --default-malloc 2' times train.py's malloc settings")
+    parser.add_argument("--set", nargs=2, action="append", default=[],
+                        metavar=("N", "FIELD=VALUE"), dest="settings",
+                        help="run the N-th revision's model with this config field, e.g. "
+                             "'HEAD HEAD --set 2 encoder_attention_chunk=1024' (repeatable)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--outputs", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.rows, args.variant, args.outputs)
+        worker(args.worker, args.rows, args.variant, args.outputs, json.loads(args.overrides))
         return None
     if len(args.revs) < 2:
         parser.error("give at least two revisions (e.g. HEAD~1 .)")
     bad = [n for n in args.default_malloc if not 1 <= n <= len(args.revs)]
     if bad:
         parser.error(f"--default-malloc {bad}: there are {len(args.revs)} revisions")
-    return compare(args.revs, args.rows, args.rounds, args.variant, set(args.default_malloc))
+    overrides = _overrides(parser, args.settings, len(args.revs))
+    return compare(args.revs, args.rows, args.rounds, args.variant, set(args.default_malloc),
+                   overrides)
+
+
+def _overrides(parser: argparse.ArgumentParser, settings: list[list[str]],
+               count: int) -> dict[int, dict[str, Any]]:
+    """--set pairs -> {revision number: {field: value}}, checked against the model config's
+    fields (of the working tree) and the number of revisions."""
+    from sameo_jax.models.config import EfficientSamConfig
+
+    fields = {f.name for f in dataclasses.fields(EfficientSamConfig)}
+    overrides: dict[int, dict[str, Any]] = {}
+    for number, text in settings:
+        if not number.isdigit() or not 1 <= int(number) <= count:
+            parser.error(f"--set {number} {text}: N must be a revision's position, "
+                         f"1 to {count}")
+        try:
+            field, value = parse_setting(text)
+        except ValueError as err:
+            parser.error(f"--set {number} {text}: {err}")
+        if field not in fields:
+            parser.error(f"--set {number} {text}: the model config has no field {field!r} "
+                         f"(fields: {', '.join(sorted(fields))})")
+        overrides.setdefault(int(number), {})[field] = value
+    return overrides
 
 
 if __name__ == "__main__":

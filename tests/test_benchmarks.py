@@ -76,3 +76,33 @@ def test_compare_names_a_bad_revision(capsys, benchmark_module):
     with pytest.raises(SystemExit):
         compare.main([".", ".", "--default-malloc", "3", "--rows", "encoder"])
     assert "--default-malloc [3]: there are 2 revisions" in capsys.readouterr().err
+
+
+def test_compare_sets_a_model_field_for_one_revision(capsys, benchmark_module):
+    """`--set N FIELD=VALUE` times a revision against itself with another config field:
+    the label names the setting, and a setting that only reorders work (the decoder's prompt
+    chunk) changes no output."""
+    compare = benchmark_module("compare")
+    times = compare.main([".", ".", "--variant", "tiny", "--rounds", "1",
+                          "--rows", "decoder_boxes_4", "--set", "2", "decoder_prompt_chunk=0"])
+    labels = list(times["decoder_boxes_4"])
+    assert labels == [".", ". [decoder_prompt_chunk=0]"]
+    printed = capsys.readouterr().out
+    diff = float(printed.split("max |output - .'s| = ")[1].split()[0])
+    assert diff < 1e-5
+
+
+def test_compare_names_a_bad_setting(capsys, benchmark_module):
+    compare = benchmark_module("compare")
+    assert compare.parse_setting("encoder_attention_chunk=1024") == (
+        "encoder_attention_chunk", 1024)
+    assert compare.parse_setting("dtype=bfloat16") == ("dtype", "bfloat16")
+    assert compare.parse_setting(" factored_upscale = False") == ("factored_upscale", False)
+    for argv, message in [
+        (["--set", "2", "no_such_field=1"], "the model config has no field 'no_such_field'"),
+        (["--set", "3", "decoder_prompt_chunk=1"], "N must be a revision's position, 1 to 2"),
+        (["--set", "1", "decoder_prompt_chunk"], "expected FIELD=VALUE"),
+    ]:
+        with pytest.raises(SystemExit):
+            compare.main([".", ".", "--rows", "encoder", *argv])
+        assert message in capsys.readouterr().err

@@ -71,8 +71,8 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # keep library INFO chatter off the console
     try:
         evaluate(options_from_flags())
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        sys.exit(f"error: {exc}")
+    except (ValueError, OSError) as exc:  # bad inputs, unreadable or existing files
+        sys.exit("error: " + " ".join(str(exc).split()))
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ def test_parse_detections_counts_and_reports_bad_entries():
     assert report.problems["a non-finite bbox"] == 1
     assert report.problems["a missing or non-finite score"] == 1
     assert report.problems["a bbox that is not 4 numbers"] == 1
-    assert report.problems["a bad segmentation"] == 1
+    assert report.problems["a bad segmentation (RLE size disagrees with the image)"] == 1
     assert report.problems["an entry that is not an object"] == 1
     line = report.summary()
     assert line.startswith("dets.json: using 2 of 10 entries; skipped")
@@ -328,7 +328,7 @@ def test_parse_results_normalises_and_checks_sizes():
     entries = [*good, poly, wrong_size, {"image_id": 1, "category_id": 1, "score": 1.0}]
     results, report = coco_results.parse_results(entries, "r.json", gt_builder.image_sizes)
     assert report.kept == 4 and report.skipped == 2
-    assert report.problems["a bad segmentation"] == 1
+    assert report.problems["a bad segmentation (RLE size disagrees with the image)"] == 1
     assert report.problems["missing key 'segmentation'"] == 1
     assert isinstance(results[3]["segmentation"]["counts"], str)
     assert results[0]["gt_instance"] == 0
@@ -429,7 +429,8 @@ def test_detection_prompts_count_images_never_read(tmp_path):
     path = tmp_path / "dets.json"
     ex = make_examples()
     entries = [_det(image_id=1), _det(image_id=1, score=0.2), _det(image_id=7),
-               _det(image_id=2, bbox=(0, 0, 3, 3), segmentation={"size": [20, 20], "counts": "0"})]
+               _det(image_id=2, bbox=(0, 0, 3, 3),
+                    segmentation=mask_lib.encode_rle(np.zeros((20, 20), bool)))]
     path.write_text(json.dumps(entries))
     dp = runner.DetectionPrompts(str(path), max_per_image=1)
     p1 = dp(ex[0])
@@ -438,7 +439,7 @@ def test_detection_prompts_count_images_never_read(tmp_path):
     report = dp.finish()
     assert report.kept == 1 and report.total == 4
     assert report.problems["an unknown image_id"] == 1
-    assert report.problems["a bad segmentation"] == 1
+    assert report.problems["a bad segmentation (RLE size disagrees with the image)"] == 1
     assert report.problems["a score rank > 1 in its image"] == 1
     only_unknown = tmp_path / "unknown.json"
     only_unknown.write_text(json.dumps([_det(image_id=7)]))

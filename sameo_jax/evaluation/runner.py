@@ -209,9 +209,9 @@ class DetectionPrompts:
         chosen = []
         for det in self.pending.pop(image_id, []):
             if det.segmentation is not None:
-                why = coco_results.check_segmentation(det.segmentation, hw)
-                if why is not None:
-                    self.report.skip(det.index, "a bad segmentation", why)
+                problem = coco_results.check_segmentation(det.segmentation, hw)
+                if problem is not None:
+                    self.report.skip(det.index, *problem)
                     continue
             chosen.append(det)
         if len(chosen) > self.max_per_image:

@@ -15,6 +15,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from sameo_jax import image_io
+
 
 def features() -> tfds.features.FeaturesDict:
     """The shared schema (see the module docstring)."""
@@ -52,19 +54,16 @@ def encode_image(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def read_image_bytes(data: bytes) -> tuple[bytes, int, int]:
+def read_image_bytes(data: bytes, name: str = "image") -> tuple[bytes, int, int]:
     """Validates encoded image bytes; returns (bytes to store, height, width).
 
-    JPEG/PNG files that are already RGB are stored as they are (no recompression); anything
-    else (grey, CMYK, palette, other formats) is converted to RGB and stored as PNG.
-    Raises OSError (PIL's error types) for unreadable or truncated files.
+    8-bit RGB JPEG/PNG files shown as stored are kept as they are (no recompression); anything
+    else (grey, 16-bit, palette, CMYK, alpha, EXIF-turned, other formats) becomes RGB through
+    `sameo_jax.image_io` and is stored as PNG. Raises image_io.ImageError (with a `reason`).
     """
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        width, height = img.size
-        if img.format in ("JPEG", "PNG") and img.mode == "RGB":
-            return data, height, width
-        return encode_image(np.asarray(img.convert("RGB"))), height, width
+    rgb, plain = image_io.decode(data, name)
+    height, width = rgb.shape[:2]
+    return (data if plain else encode_image(rgb)), height, width
 
 
 def make_example(

@@ -10,22 +10,16 @@ import pathlib
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from sameo_jax import image_io
 from sameo_jax import preprocessing as pp
 from sameo_jax.predictor import Prediction, Predictor
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file -> [H, W, 3] uint8 RGB. Raises ValueError naming the file."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"{path}: cannot read image ({exc})") from None
+    """An image file of any mode -> [H, W, 3] uint8 RGB (see `sameo_jax.image_io`).
+    Raises ValueError naming the file."""
+    return image_io.read_rgb(path)
 
 
 def _coords(value: Any, where: str, n: int | None = None) -> list[float]:

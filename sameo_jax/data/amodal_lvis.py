@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sameo_jax import image_io
 from sameo_jax.boxes import box_from_mask, boxes_from_masks
 from sameo_jax.masks import decode_segmentation, mask_iou
 
@@ -164,6 +165,10 @@ class CocoInstanceSource:
             self._images.append((int(im["id"]), name, int(im["height"]), int(im["width"])))
         self._images.sort()
         known = {im[0] for im in self._images}
+        if len(known) != len(self._images):  # annotations could not be told apart
+            ids = [im[0] for im in self._images]
+            dup = next(i for i, j in zip(ids, ids[1:], strict=False) if i == j)
+            raise ValueError(f"{path}: image id {dup} is listed more than once")
         self._anns: dict[int, list[dict[str, Any]]] = {i: [] for i in known}
         for k, ann in enumerate(data["annotations"]):
             for field in ("image_id", "segmentation", "category_id"):
@@ -182,12 +187,11 @@ class CocoInstanceSource:
 
     def __getitem__(self, index: int) -> InstanceImage | None:
         image_id, name, height, width = self._images[index]
-        file = self.image_dir / name
-        try:
-            with Image.open(file) as im:
-                image = np.asarray(im.convert("RGB"), np.uint8)
-        except (OSError, ValueError) as e:
-            log.warning("skipping unreadable image %s: %s", file, e)
+        try:  # the image's folder only (no absolute path, '..' or symlink out); any PIL mode
+            file = image_io.path_inside(self.image_dir, name)
+            image = image_io.read_rgb(file)
+        except image_io.ImageError as e:
+            log.warning("skipping unreadable image: %s", e)
             return None
         if image.shape[:2] != (height, width):
             log.warning("skipping %s: size %s disagrees with the annotation's %s", file,

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
+import io
 import logging
+import os
 import pathlib
 import shutil
 import sys
@@ -68,26 +71,56 @@ def build(
     overwrite: bool = False,
     clean: Sequence[str] = (),
 ):
-    """Builds NAME; returns the builder (its `.stats` hold the per-split summary)."""
-    builder = make_builder(
-        name, data_dir, splits=splits, cleaning_cfg=parse_cleaning(clean),
-        max_images=max_images, strict_sizes=strict_sizes,
-    )
-    if manual_dir is None and builder.SPLIT_FILES:
+    """Builds NAME; returns the builder (its `.stats` hold the per-split summary).
+
+    The build is written to a temporary folder inside `data_dir` and moved into place only when
+    it succeeded, so a failed (re)build leaves an existing build as it was.
+    """
+    kwargs = dict(splits=splits, cleaning_cfg=parse_cleaning(clean), max_images=max_images,
+                  strict_sizes=strict_sizes)
+    target = make_builder(name, data_dir, **kwargs)
+    if manual_dir is None and target.SPLIT_FILES:
         raise ValueError(f"{name}: --manual_dir is required (the folder with the release files)")
     if manual_dir is not None:
-        builder.check_manual_files(manual_dir)
-    out = pathlib.Path(builder.data_dir)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out}: already built; pass --overwrite to rebuild it")
-        shutil.rmtree(out)
-    with tempfile.TemporaryDirectory() as scratch:  # nothing is downloaded; keep D clean
-        builder.download_and_prepare(
-            download_dir=scratch,
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
-        )
+        target.check_manual_files(manual_dir)
+    out = pathlib.Path(target.data_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already built; pass --overwrite to rebuild it")
+    pathlib.Path(data_dir).mkdir(parents=True, exist_ok=True)
+    prefix = f".{name.replace('/', '_')}-building-"
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=data_dir))
+    try:
+        builder = make_builder(name, str(staging), **kwargs)
+        # Nothing is downloaded (scratch keeps D clean); TFDS's lines would name the staging
+        # folder, so they are not shown.
+        with tempfile.TemporaryDirectory() as scratch, \
+                contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(
+                download_dir=scratch,
+                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+            )
+        swap_in(pathlib.Path(builder.data_dir), out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return builder
+
+
+def swap_in(new: pathlib.Path, out: pathlib.Path) -> None:
+    """Moves the finished build `new` to `out`; an existing `out` is set aside first and put
+    back if the move fails, and deleted only after it succeeded."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}-replaced-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def summary(builder, data_dir: str) -> str:
@@ -126,8 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_images=args.max_images, strict_sizes=args.strict_sizes,
             overwrite=args.overwrite, clean=args.clean,
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad release files, existing build, unwritable folder
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     print(summary(builder, args.data_dir))
     return 0

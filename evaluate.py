@@ -75,5 +75,14 @@ def main(argv: list[str]) -> None:
         sys.exit("error: " + " ".join(str(exc).split()))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag as one `error:` line (exit status 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

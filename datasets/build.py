@@ -138,13 +138,26 @@ def summary(builder, data_dir: str) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A usage mistake is one `error:` line (exit status 2), like every other error."""
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m datasets.build", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m datasets.build", description=__doc__.split("\n")[0])
     p.add_argument("name", help=f"one of {', '.join(NAMES)} (kins/update_2020 for KINS 2020)")
     p.add_argument("--manual_dir", help="folder with the downloaded release files")
     p.add_argument("--data_dir", required=True, help="TFDS data folder to write to")
     p.add_argument("--split", action="append", help="build only this split (repeatable)")
-    p.add_argument("--max_images", type=int, help="stop after this many images per split")
+    p.add_argument("--max_images", type=_positive_int,
+                   help="stop after this many images per split (>= 1)")
     p.add_argument("--strict_sizes", action="store_true",
                    help="fail when a split's image count differs from the full release")
     p.add_argument("--overwrite", action="store_true", help="replace an existing build")

@@ -204,6 +204,8 @@ def test_evaluate_results_file_with_bad_masks(tmp_path):
     latin1.write_bytes(json.dumps([result(good)]).replace("0.9", "0.9, \"n\": \"\xe9\"")
                        .encode("latin-1"))
     assert_one_error_line(run_limited([*args, str(latin1)]), "latin1.json: not valid JSON")
+    assert_one_error_line(run_limited([*args, str(results), "--split", "kitti"]),
+                          "--split=kitti")
 
 
 # ----------------------------------------------------------------------------- images
@@ -411,6 +413,12 @@ def test_broken_release_json_is_one_error_line(tmp_path, capsys):
         assert rc == 2 and err.startswith(f"error: {release}") and needle in err, err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "d" / "cocoa_cls").exists()
+    for bad_usage, needle in [([], "required: name"), ([*args, "--max_images", "0"], "'0'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            build.main(bad_usage)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("error:") and needle in err, err
+        assert len(err.strip().splitlines()) == 1
 
 
 def _tree_digest(folder: pathlib.Path) -> str:

@@ -22,7 +22,7 @@ import shutil
 import urllib.error
 import urllib.request
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 OFFICIAL_REPOSITORY = "https://github.com/yformer/EfficientSAM"
 OFFICIAL_WEIGHTS = {

@@ -27,7 +27,7 @@ def _run(*args, timeout=300):
     ("train.py", ["demo (", "vitt, vits", "python train.py --config configs/sameo.py:demo",
                   "--config.init_checkpoint="]),
     ("evaluate.py", ["--split demo", "--detections detector.json", "--results results.json",
-                     "<cocoa_cls|d2sa|kins|cocoa|demo>"]),
+                     "cocoa_cls", "kins", "d2sa"]),
     ("predict.py", ["--variant (vitt, vits, tiny)", "efficient_sam_vits.pt.zip", "workdir_demo",
                     "photo.jpg \\\n      --prompts prompts.json"]),
 ])

@@ -1,13 +1,21 @@
-"""Amodal masks for box / point prompts on one image.
+r"""Amodal masks for box / point prompts on one image.
 
+The checkpoint decides the model; --variant (vitt, vits, tiny) only checks it:
+  official EfficientSAM weights   efficient_sam_vitt.pt, efficient_sam_vits.pt.zip, or a .npz
+  a converted orbax directory     python -m sameo_jax.checkpoint efficient_sam_vitt.pt ckpt_vitt
+  a training workdir              workdir_demo (the demo model: procedural scenes only)
+
+Examples:
   python predict.py --checkpoint efficient_sam_vitt.pt --image photo.jpg \
       --prompts prompts.json --save-npz out.npz --overlay out.png
+  python predict.py --checkpoint workdir_vitt --image photo.jpg --prompts prompts.json \
+      --overlay out.png --overwrite
 
 PROMPTS.json: [{"box": [x0, y0, x1, y1]}, {"points": [[x, y]], "labels": [1]}, ...] in
-original pixel coordinates.
+original pixel coordinates (labels: 1 positive, 0 negative point).
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from sameo_jax.checkpoint import CheckpointError
 from sameo_jax.inference import predict_files
@@ -26,6 +34,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output file
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep orbax's and JAX's INFO lines off
     try:
         predictor = Predictor.from_checkpoint(_CHECKPOINT.value, _VARIANT.value)
         out = predict_files(predictor, _IMAGE.value, _PROMPTS.value, _SAVE_NPZ.value,

@@ -454,7 +454,28 @@ def test_evaluation_panel_shape():
     results = _results([ex], "amodal_mask", scores=(0.5, 0.9))
     panel = pictures.evaluation_panel(ex, results)
     assert panel.dtype == np.uint8
-    assert panel.shape == (14 + 20, 4 * 20 + 3 * 4, 3)
+    side = 20 * pictures.MAX_ENLARGE  # a 20 x 20 image is enlarged 8x (the cap)
+    assert panel.shape[1] == 4 * side + 3 * 4
+    assert side < panel.shape[0] < side + 40  # the title strip
+
+
+def test_demo_split_has_the_demo_training_scenes(tmp_path):
+    """evaluate.py --split demo scores the demo model on scenes like those it trained on."""
+    from configs.sameo import get_config
+    from sameo_jax.evaluation import evaluator
+
+    data = get_config("demo").data
+    scenes = evaluator.DEMO_SCENES
+    assert scenes["image_size"] == data.demo_image_size
+    assert scenes["object_size"] == tuple(data.demo_object_size)
+    assert scenes["occlusion_range"] == tuple(data.demo_occlusion_range)
+    source = evaluator.open_split(_demo_options(tmp_path))
+    assert len(source) == 200 and source[0]["image"].shape == (128, 128, 3)
+    rates = np.concatenate([source[i]["objects"]["occlusion_rate"] for i in range(0, 20, 2)])
+    occluded = rates[rates > 0]
+    assert occluded.size and occluded.min() >= 0.3 - 0.02 and occluded.max() <= 0.7 + 0.02
+    with pytest.raises(ValueError, match="demo: unknown split 'val'"):
+        evaluator.open_split(_demo_options(tmp_path, data_split="val"))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -507,10 +528,9 @@ def _check_metrics(m):
 
 
 def test_evaluate_demo_end_to_end(tmp_path, tiny_predictor, capsys):
-    from sameo_jax.data.sources import open_source
     from sameo_jax.evaluation import evaluator
 
-    source = open_source("demo", "test")
+    source = evaluator.open_split(_demo_options(tmp_path))
     n_instances = sum(len(source[i]["objects"]["category_id"]) for i in range(3))
     o = _demo_options(tmp_path, json=str(tmp_path / "metrics.json"), visualize=2)
     summary = evaluator.evaluate(o, predictor=tiny_predictor)
@@ -559,10 +579,9 @@ def test_evaluate_with_detections_file(tmp_path, tiny_predictor):
     """GT amodal boxes fed as a detector file give the same masks as --prompts gt_amodal;
     bad entries are counted, not fatal."""
     from sameo_jax.boxes import xyxy_to_xywh
-    from sameo_jax.data.sources import open_source
     from sameo_jax.evaluation import evaluator
 
-    source = open_source("demo", "test")
+    source = evaluator.open_split(_demo_options(tmp_path))
     entries = []
     for i in range(2):
         ex = source[i]

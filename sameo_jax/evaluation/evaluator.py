@@ -21,6 +21,9 @@ EVAL_SPLIT = {
     "cocoa": "validation",
     "demo": "test",
 }
+# The procedural scenes the demo model trains on (configs/sameo.py:demo, data.demo_*): 128 px,
+# objects 30-45% of the image side, occluded ones 30-70% hidden. A test keeps the two equal.
+DEMO_SCENES = {"image_size": 128, "object_size": (0.3, 0.45), "occlusion_range": (0.3, 0.7)}
 
 
 @dataclasses.dataclass
@@ -89,10 +92,19 @@ def output_paths(o: EvalOptions) -> dict[str, str]:
 
 
 def open_split(o: EvalOptions):
-    """The split's random-access source of schema examples."""
-    from sameo_jax.data.sources import open_source
+    """The split's random-access source of schema examples; 'demo' without --data_dir is the
+    procedural split rendered with DEMO_SCENES, the settings the demo model trains on."""
+    from sameo_jax.data.sources import DEMO_SPLITS, open_source
 
-    return open_source(o.split, o.data_split or EVAL_SPLIT[o.split], o.data_dir)
+    split = o.data_split or EVAL_SPLIT[o.split]
+    if o.split == "demo" and o.data_dir is None:
+        from sameo_jax.data.demo_scenes import DemoSource
+
+        if split not in DEMO_SPLITS:
+            raise ValueError(f"demo: unknown split {split!r}; known: {sorted(DEMO_SPLITS)}")
+        seed, size = DEMO_SPLITS[split]
+        return DemoSource(size, seed=seed, **DEMO_SCENES)
+    return open_source(o.split, split, o.data_dir)
 
 
 def score_results(coco_gt, results: list[dict[str, Any]], class_agnostic: bool

@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import re
-import resource
 import struct
 import subprocess
 import sys
@@ -251,15 +250,16 @@ for name, path in json.loads(sys.argv[1]).items():
 """
 
 
-def _limit_memory():
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+_LAUNCHER = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({0}, {0})); "
+             "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 
-def run_limited(args, **kwargs):
+def run_limited(args, memory_limit: int = MEMORY_LIMIT, timeout: float = TIMEOUT_S):
+    """Runs `python *args` from the repository root with its address space limited."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, env=env, timeout=TIMEOUT_S, preexec_fn=_limit_memory,
-                          **kwargs)
+    return subprocess.run([sys.executable, "-c", _LAUNCHER.format(memory_limit), *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, env=env,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +348,7 @@ def test_pickle_depth_counts_memo_and_mutation():
 # ----------------------------------------------------------------------------- the CLI
 
 
-def _assert_one_error_line(result, *needles):
+def assert_one_error_line(result, *needles):
     lines = [line for line in result.stderr.splitlines() if "error:" in line]
     assert result.returncode != 0, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
@@ -362,7 +362,7 @@ def _assert_one_error_line(result, *needles):
 def test_converter_cli_one_line(hostile, tmp_path, case):
     path = hostile[case][0]
     result = run_limited(["-m", "sameo_jax.checkpoint", path, str(tmp_path / "out")])
-    _assert_one_error_line(result, os.path.basename(path))
+    assert_one_error_line(result, os.path.basename(path))
     assert not (tmp_path / "out").exists()
 
 
@@ -374,7 +374,7 @@ def test_predict_cli_one_line(hostile, tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "i.png")
     result = run_limited(["predict.py", f"--checkpoint={path}", f"--image={tmp_path / 'i.png'}",
                           f"--prompts={tmp_path / 'p.json'}"])
-    _assert_one_error_line(result, "reach element 27 of storage data/0")
+    assert_one_error_line(result, "reach element 27 of storage data/0")
 
 
 def test_file_makers_give_small_files(hostile):

@@ -6,7 +6,9 @@
     out.masks  # [Q, 1, H, W] bool amodal masks at the original resolution
 
 Prompt counts are padded up to a few fixed sizes (`prompt_buckets`), so a new number of
-prompts reuses a compiled decoder instead of compiling a new one.
+prompts reuses a compiled decoder instead of compiling a new one. More prompts than the largest
+bucket are decoded in chunks of that size, and masks are upsampled a few prompts at a time
+(`UPSAMPLE_BYTES` of working memory), so memory beyond the outputs stays bounded.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sameo_jax.masks import MASK_THRESHOLD
 from sameo_jax.models.efficient_sam import EfficientSam, EfficientSamConfig, best_candidate
 
 DEFAULT_PROMPT_BUCKETS = (1, 4, 16, 64, 256)
+UPSAMPLE_BYTES = 256 << 20  # working memory of one call that upsamples masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +191,8 @@ class Predictor:
     def predict(self, boxes: Any = None, points: Any = None, point_labels: Any = None, *,
                 multimask: bool = True, best_only: bool = False,
                 return_masks: bool = True) -> Prediction:
-        """Masks for Q prompts on the current image, in one jitted call.
+        """Masks for Q prompts on the current image: one jitted decoder call per chunk of at
+        most the largest bucket of prompts, the outputs filled chunk by chunk.
 
         boxes [Q, 4] xyxy and/or points [Q, N, 2] + point_labels [Q, N], original pixels.
         multimask: 3 candidates per prompt (else the single-mask output); best_only: keep the
@@ -197,21 +201,53 @@ class Predictor:
         h, w = self.image_hw
         pts, labels = build_prompts(boxes, points, point_labels, self.config.max_num_points)
         q = len(pts)
-        qb = bucket_size(q, self.prompt_buckets)
+        out_logits = out_iou = masks = None
         # Padding to the model's 6 points is left to the model, which runs the padding
         # points of a prompt as one weighted token (8 decoder tokens for a box, not 11).
         pts = pp.rescale_points(pts, (h, w), self.config.img_size)
-        if qb > q:
-            pts = np.concatenate([pts, np.full((qb - q,) + pts.shape[1:], -1.0, np.float32)])
-            labels = np.concatenate(
-                [labels, np.full((qb - q,) + labels.shape[1:], pp.PADDING_LABEL, np.int32)])
-        logits, iou = self._decode(self.params, self._embedding, pts[None], labels[None],
-                                   multimask=multimask, best_only=best_only)
-        masks = None
-        if return_masks:
-            masks = np.asarray(self._upsample(logits[:q], (h, w)))
-        return Prediction(masks=masks, low_res_logits=np.asarray(logits[:q]),
-                          iou=np.asarray(iou[:q]))
+        chunk = self.prompt_buckets[-1]
+        for start in range(0, q, chunk):
+            n = min(chunk, q - start)
+            qb = bucket_size(n, self.prompt_buckets)
+            logits, iou = self._decode(
+                self.params, self._embedding, _pad_rows(pts[start:start + n], qb, -1.0)[None],
+                _pad_rows(labels[start:start + n], qb, pp.PADDING_LABEL)[None],
+                multimask=multimask, best_only=best_only)
+            if out_logits is None:  # [Q, K, L, L], [Q, K] and [Q, K, H, W], filled by chunks
+                out_logits = np.empty((q,) + logits.shape[1:], np.float32)
+                out_iou = np.empty((q,) + iou.shape[1:], np.float32)
+                if return_masks:
+                    masks = np.empty((q, logits.shape[1], h, w), bool)
+            out_logits[start:start + n] = np.asarray(logits[:n])
+            out_iou[start:start + n] = np.asarray(iou[:n])
+            if masks is not None:
+                self._upsample_into(masks[start:start + n], logits, (h, w))
+        return Prediction(masks=masks, low_res_logits=out_logits, iou=out_iou)
+
+    def _upsample_into(self, masks: np.ndarray, logits: jax.Array,
+                       out_hw: tuple[int, int]) -> None:
+        """Fills masks [n, K, H, W] from the first n of logits [qb, K, L, L], a bucket-sized
+        group of prompts per call so that one call's memory stays near `UPSAMPLE_BYTES`."""
+        n, k = masks.shape[:2]
+        h, w = out_hw
+        per_prompt = k * (h * logits.shape[-1] * 4 + h * w * 5)  # float32 passes + bool mask
+        fits = max(1, UPSAMPLE_BYTES // per_prompt)
+        rows = max([b for b in self.prompt_buckets if b <= fits], default=fits)
+        rows = min(rows, logits.shape[0])
+        for start in range(0, n, rows):
+            piece = logits[start:start + rows]
+            if piece.shape[0] < rows:  # only with buckets that are not multiples of each other
+                piece = jnp.concatenate(
+                    [piece, jnp.zeros((rows - piece.shape[0],) + piece.shape[1:], piece.dtype)])
+            take = min(rows, n - start)
+            masks[start:start + take] = np.asarray(self._upsample(piece, out_hw))[:take]
+
+
+def _pad_rows(x: np.ndarray, rows: int, value: float) -> np.ndarray:
+    """x [n, ...] padded with `value` to [rows, ...]."""
+    if len(x) == rows:
+        return x
+    return np.concatenate([x, np.full((rows - len(x),) + x.shape[1:], value, x.dtype)])
 
 
 def _upsample_masks(logits: jax.Array, out_hw: tuple[int, int]) -> jax.Array:

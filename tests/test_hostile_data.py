@@ -23,6 +23,7 @@ from pycocotools import mask as mask_utils
 from datasets import build
 from sameo_jax import masks as mask_lib
 from sameo_jax.data import sources
+from sameo_jax.evaluation import evaluator
 from tests.conftest import REPO_ROOT
 from tests.test_datasets_builders import (
     H,
@@ -164,7 +165,7 @@ def test_masks_that_do_not_add_up_are_refused_by_reason(tmp_path):
 def test_evaluate_results_file_with_bad_masks(tmp_path):
     """`evaluate.py --results` skips each bad mask and counts it by reason; nothing usable,
     or a file that is not UTF-8, ends in one error line."""
-    example = sources.demo_source("test")[0]
+    example = evaluator.open_split(evaluator.EvalOptions(split="demo"))[0]  # evaluate.py's scenes
     image_id, (h, w) = int(example["image_id"]), example["image"].shape[:2]
     good = mask_lib.encode_rle(example["objects"]["amodal_mask"][0])
 

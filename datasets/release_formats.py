@@ -3,7 +3,8 @@
 Two layouts cover COCOA, COCOA-cls, D2SA and KINS:
 - COCOA original (`read_cocoa_regions`): `images` + one `annotations` record per image whose
   `regions` list holds the instances (flat amodal polygon `segmentation`, `name`, `isStuff`,
-  `occlude_rate`, and `visible_mask` / `invisible_mask` RLE only for occluded regions).
+  `occlude_rate`, `order` (depth rank, 1 = front), and `visible_mask` / `invisible_mask` RLE
+  only for occluded regions).
 - COCO style with amodal keys (`read_coco_instances`): one record per instance; the key names
   differ per release and are given by `InstanceKeys`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -47,6 +49,16 @@ def _image_entries(data: dict, path: Any) -> dict[int, dict]:
     return images
 
 
+def _order(value: Any, where: str) -> int:
+    """A release's depth rank: a positive integer, or 0 when absent."""
+    if value is None:
+        return 0
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value != int(value) or value < 1:
+        raise ValueError(f"{where}: order {value!r} is not a positive integer (1 = front)")
+    return int(value)
+
+
 def _raw_image(im: dict, instances: list[RawInstance]) -> RawImage:
     h, w = im.get("height"), im.get("width")
     return RawImage(
@@ -72,7 +84,7 @@ def read_cocoa_regions(path: str | os.PathLike) -> list[RawImage]:
         image_id = int(rec["image_id"])
         if image_id not in images:
             raise ValueError(f"{path}: annotation for unknown image_id {image_id}")
-        for r in rec["regions"]:
+        for k, r in enumerate(rec["regions"]):
             regions[image_id].append(
                 RawInstance(
                     amodal_seg=r.get("segmentation"),
@@ -84,6 +96,7 @@ def read_cocoa_regions(path: str | os.PathLike) -> list[RawImage]:
                     occlusion_rate=(
                         None if r.get("occlude_rate") is None else float(r["occlude_rate"])
                     ),
+                    order=_order(r.get("order"), f"{path}: image_id {image_id} region {k}"),
                 )
             )
     return [_raw_image(im, regions.get(i, [])) for i, im in images.items()]
@@ -98,6 +111,7 @@ class InstanceKeys:
     amodal_bbox: str | None = "bbox"
     visible_bbox: str | None = None
     occlusion_rate: str | None = "occlude_rate"
+    order: str | None = "order"  # depth rank, 1 = front (read where a record has it)
 
 
 COCOA_CLS_KEYS = InstanceKeys()
@@ -141,6 +155,8 @@ def read_coco_instances(path: str | os.PathLike, keys: InstanceKeys) -> list[Raw
                 occlusion_rate=None if occ is None else float(occ),
                 amodal_bbox_xywh=get(keys.amodal_bbox) if keys.amodal_bbox else None,
                 visible_bbox_xywh=get(keys.visible_bbox) if keys.visible_bbox else None,
+                order=_order(get(keys.order) if keys.order else None,
+                             f"{path}: annotation {ann.get('id')}"),
             )
         )
     return [_raw_image(im, per_image.get(i, [])) for i, im in images.items()]

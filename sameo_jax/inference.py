@@ -1,8 +1,10 @@
 """File-level inference used by predict.py: read an image and a prompts file, predict,
-write arrays and an overlay picture."""
+write arrays and an overlay picture; with a visible decoder also the visible masks, the
+occlusion order and a picture of the depth layers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -12,8 +14,26 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from sameo_jax import masks as mask_lib
+from sameo_jax import order as order_lib
 from sameo_jax import preprocessing as pp
 from sameo_jax.predictor import Prediction, Predictor
+
+
+@dataclasses.dataclass(frozen=True)
+class ScenePrediction(Prediction):
+    """A `Prediction` (the amodal decoder's candidates) plus, for the best amodal candidate of
+    each query, the visible decoder's best mask and the occlusion order of the queries."""
+
+    amodal: np.ndarray  # [Q, H, W] bool, best amodal candidate by predicted IoU
+    visible: np.ndarray  # [Q, H, W] bool
+    visible_iou: np.ndarray  # [Q] float32
+    order: order_lib.OcclusionOrder
+
+    @property
+    def hidden(self) -> np.ndarray:
+        """[Q, H, W] bool: amodal minus visible."""
+        return self.amodal & ~self.visible
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -121,22 +141,47 @@ def _check_new_file(path: str | os.PathLike | None, overwrite: bool) -> None:
 
 def predict_files(predictor: Predictor, image_path: str | os.PathLike,
                   prompts_path: str | os.PathLike, save_npz: str | os.PathLike | None = None,
-                  overlay: str | os.PathLike | None = None, overwrite: bool = False
-                  ) -> Prediction:
+                  overlay: str | os.PathLike | None = None, overwrite: bool = False,
+                  layers: str | os.PathLike | None = None,
+                  save_json: str | os.PathLike | None = None) -> Prediction:
     """Runs the predictor on one image file and one prompts file; optionally writes
     `save_npz` (low_res_logits [Q,3,L,L], iou [Q,3], masks [Q,3,H,W] bool,
-    image_embeddings [D,E,E]) and `overlay` (best mask per query with its box and score)."""
-    _check_new_file(save_npz, overwrite)
-    _check_new_file(overlay, overwrite)
+    image_embeddings [D,E,E]) and `overlay` (best mask per query with its box and score).
+
+    With a visible decoder the result is a `ScenePrediction`, the npz also holds
+    visible_masks / hidden_masks [Q,H,W] bool, visible_iou [Q], order_matrix [Q,Q] int8 and
+    layers [Q], and `layers` (a PNG of the depth layers) and `save_json` (the same per query,
+    masks as COCO RLE) can be written; those two need the visible decoder.
+    """
+    for path in (save_npz, overlay, layers, save_json):
+        _check_new_file(path, overwrite)
+    if layers is not None:
+        predictor.require_visible("--layers")
+    if save_json is not None:
+        predictor.require_visible("--save-json")
     image = load_image(image_path)
     points, labels = read_prompts(prompts_path)
     embedding = predictor.encode([image])
     predictor.set_image(image, embedding)
     out = predictor.predict(points=points, point_labels=labels, multimask=True)
+    arrays = {}
+    if predictor.has_visible:
+        out = _with_visible(predictor, out, points, labels)
+        arrays = dict(visible_masks=out.visible, hidden_masks=out.hidden,
+                      visible_iou=out.visible_iou, order_matrix=out.order.matrix,
+                      layers=out.order.layers)
     if save_npz is not None:
         np.savez_compressed(save_npz, low_res_logits=out.low_res_logits, iou=out.iou,
                             masks=out.masks,
-                            image_embeddings=np.asarray(embedding[0]).transpose(2, 0, 1))
+                            image_embeddings=np.asarray(embedding[0]).transpose(2, 0, 1),
+                            **arrays)
+    if save_json is not None:
+        _write_scene_json(save_json, out, image_path, prompt_boxes(points, labels))
+    if layers is not None:
+        from sameo_jax.visualize import draw_layers, save_png
+
+        texts = [f"#{q} L{k}" for q, k in enumerate(out.order.layers)]
+        save_png(layers, draw_layers(image, out.amodal, out.visible, out.order.layers, texts))
     if overlay is not None:
         from sameo_jax.visualize import overlay_masks, save_png
 
@@ -145,3 +190,46 @@ def predict_files(predictor: Predictor, image_path: str | os.PathLike,
         texts = [f"#{q} iou {out.iou[q, b]:.2f}" for q, b in enumerate(best)]
         save_png(overlay, overlay_masks(image, masks, prompt_boxes(points, labels), texts))
     return out
+
+
+def _with_visible(predictor: Predictor, out: Prediction, points: np.ndarray,
+                  labels: np.ndarray) -> ScenePrediction:
+    """Adds the visible decoder's best masks (same embedding, same prompts) and the order."""
+    visible = predictor.predict(points=points, point_labels=labels, multimask=True,
+                                best_only=True, decoder="visible")
+    best = np.argmax(out.iou, axis=1)
+    amodal = out.masks[np.arange(len(best)), best]
+    vis = visible.masks[:, 0]
+    return ScenePrediction(masks=out.masks, low_res_logits=out.low_res_logits, iou=out.iou,
+                           amodal=amodal, visible=vis, visible_iou=visible.iou[:, 0],
+                           order=order_lib.occlusion_order(vis, amodal))
+
+
+def _write_scene_json(path: str | os.PathLike, out: ScenePrediction,
+                      image_path: str | os.PathLike, boxes: np.ndarray) -> None:
+    """Per query: box, best amodal / visible / hidden mask (COCO RLE), predicted IoUs, layer;
+    and the order matrix (row i, column j: +1 i occludes j, -1 j occludes i, 0 neither)."""
+    h, w = out.amodal.shape[1:]
+    best = np.argmax(out.iou, axis=1)
+    objects = [
+        {
+            "query": q,
+            "box": [round(float(v), 2) for v in boxes[q]],
+            "amodal": mask_lib.encode_rle(out.amodal[q]),
+            "visible": mask_lib.encode_rle(out.visible[q]),
+            "hidden": mask_lib.encode_rle(out.hidden[q]),
+            "amodal_iou": round(float(out.iou[q, best[q]]), 5),
+            "visible_iou": round(float(out.visible_iou[q]), 5),
+            "layer": int(out.order.layers[q]),
+        }
+        for q in range(len(best))
+    ]
+    scene = {
+        "image": os.fspath(image_path),
+        "height": int(h),
+        "width": int(w),
+        "objects": objects,
+        "order_matrix": out.order.matrix.tolist(),
+        "order_convention": "order_matrix[i][j] = 1: i occludes j; -1: j occludes i; 0: neither",
+    }
+    pathlib.Path(path).write_text(json.dumps(scene))

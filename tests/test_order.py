@@ -472,15 +472,15 @@ def test_order_needs_visible_masks_in_the_results(cocoa_build, tmp_path):
 
 
 def test_model_run_order_and_its_results_file_agree(tmp_path, counted):
-    """evaluate --order with a model: one encoder call per batch of images for both decoders,
-    results files that carry the visible masks, and --results on them gives the same order."""
+    """evaluate --order with a model: one encoder call per image for both decoders, results
+    files that carry the visible masks, and --results on them gives the same order."""
     from sameo_jax.evaluation.evaluator import EvalOptions, evaluate, output_paths
 
     both, counter = counted
-    o = EvalOptions(split="demo", max_images=6, batch_size=3, order=True, progress=False,
+    o = EvalOptions(split="demo", max_images=6, batch_size=1, order=True, progress=False,
                     out_dir=str(tmp_path / "out"))
     summary = evaluate(o, predictor=both)
-    assert counter.calls == 2 and counter.images == 6
+    assert counter.calls == counter.images == 6
     order = summary["order"]
     assert order["pairs"] > 0 and order["results_without_visible"] == 0
     assert order["unanswered"] == 0  # GT prompts: every instance has its own prediction

@@ -186,11 +186,11 @@ class Predictor:
             visible_checkpoint = training_init_checkpoint(path)
             if visible_checkpoint is None:
                 reason = (f"{path} is not a training workdir that started from a checkpoint "
-                          "(give a visible checkpoint: the EfficientSAM weights it was "
+                          "(give --visible_checkpoint: the EfficientSAM weights it was "
                           "fine-tuned from)")
             elif not pathlib.Path(visible_checkpoint).exists():
                 reason = (f"{path} started from init_checkpoint {visible_checkpoint}, which "
-                          "does not exist here (give the visible checkpoint's path)")
+                          "does not exist here (give its path as --visible_checkpoint)")
                 visible_checkpoint = None
         visible_params = None
         if visible_checkpoint is not None:

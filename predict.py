@@ -15,13 +15,24 @@ PROMPTS.json: [{"box": [x0, y0, x1, y1]}, {"points": [[x, y]], "labels": [1]}, .
 original pixel coordinates (labels: 1 positive, 0 negative point). Existing outputs are
 replaced only with --overwrite; a run whose outputs would exceed --max-output-gb is refused
 before any work.
+
+Visible masks and occlusion order from the same image embedding, with the EfficientSAM
+decoder a SAMEO workdir was fine-tuned from (found in the workdir, or --visible_checkpoint):
+
+  python predict.py --checkpoint workdir_sameo --image photo.jpg --prompts prompts.json \
+      --layers layers.png --save-json scene.json
 """
 
 import jax
 from absl import app, flags, logging
 
 from sameo_jax.checkpoint import CheckpointError
-from sameo_jax.inference import DEFAULT_MAX_OUTPUT_GB, check_outputs, predict_files
+from sameo_jax.inference import (
+    DEFAULT_MAX_OUTPUT_GB,
+    ScenePrediction,
+    check_outputs,
+    predict_files,
+)
 from sameo_jax.predictor import Predictor
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -34,6 +45,15 @@ _SAVE_NPZ = flags.DEFINE_string("save-npz", None,
                                 "Write arrays to this .npz ('.npz' is added when missing).")
 _OVERLAY = flags.DEFINE_string("overlay", None, "Write a PNG with the best mask per query.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
+_VISIBLE_CHECKPOINT = flags.DEFINE_string(
+    "visible_checkpoint", None,
+    "Checkpoint whose decoder gives visible masks (default: the init_checkpoint a training "
+    "workdir --checkpoint started from, when it exists).")
+_LAYERS = flags.DEFINE_string(
+    "layers", None, "Write a PNG of the objects coloured by depth layer (needs visible masks).")
+_SAVE_JSON = flags.DEFINE_string(
+    "save-json", None, "Write masks (RLE), layers and the order matrix as JSON (needs visible "
+    "masks).")
 _BEST_ONLY = flags.DEFINE_bool(
     "best-only", False, "Keep only the candidate with the highest predicted IoU (1 of 3).")
 _MAX_OUTPUT_GB = flags.DEFINE_float(
@@ -60,11 +80,15 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # keep orbax's and JAX's INFO lines off
     inputs = [_IMAGE.value, _PROMPTS.value, _CHECKPOINT.value]
     try:
-        check_outputs(_SAVE_NPZ.value, _OVERLAY.value, _OVERWRITE.value, inputs)  # before loading
-        predictor = Predictor.from_checkpoint(_CHECKPOINT.value, _VARIANT.value)
+        check_outputs(_SAVE_NPZ.value, _OVERLAY.value, _OVERWRITE.value, inputs,
+                      layers=_LAYERS.value, save_json=_SAVE_JSON.value)  # before loading
+        predictor = Predictor.from_checkpoint(
+            _CHECKPOINT.value, _VARIANT.value,
+            visible_checkpoint=_VISIBLE_CHECKPOINT.value or "auto")
         out = predict_files(predictor, _IMAGE.value, _PROMPTS.value, _SAVE_NPZ.value,
                             _OVERLAY.value, _OVERWRITE.value, best_only=_BEST_ONLY.value,
-                            max_output_bytes=_MAX_OUTPUT_GB.value * 1e9, inputs=inputs)
+                            max_output_bytes=_MAX_OUTPUT_GB.value * 1e9, inputs=inputs,
+                            layers=_LAYERS.value, save_json=_SAVE_JSON.value)
     except (ValueError, CheckpointError) as exc:
         raise _error(exc) from None
     except (MemoryError, jax.errors.JaxRuntimeError) as exc:  # beyond what was checked
@@ -75,6 +99,9 @@ def main(argv):
         scores = ", ".join(f"{v:.3f}" for v in out.iou[q])
         print(f"query {q}: predicted IoU [{scores}], mask pixels "
               f"{[int(m.sum()) for m in out.masks[q]]}")
+        if isinstance(out, ScenePrediction):
+            print(f"  layer {out.order.layers[q]}: visible pixels {int(out.visible[q].sum())} "
+                  f"(predicted IoU {out.visible_iou[q]:.3f}), hidden {int(out.hidden[q].sum())}")
 
 
 if __name__ == "__main__":

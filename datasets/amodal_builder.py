@@ -44,6 +44,7 @@ class RawInstance:
     occlusion_rate: float | None = None  # None: computed from the masks
     amodal_bbox_xywh: Sequence[float] | None = None  # None: derived from the amodal mask
     visible_bbox_xywh: Sequence[float] | None = None  # None: derived from the visible mask
+    order: int = 0  # the release's depth rank (1 = front); 0: the release gives none
 
 
 @dataclasses.dataclass
@@ -222,6 +223,7 @@ def convert_image(
         visible_bbox=np.stack(visible_boxes),
         category_id=np.array([used[i].category_id for i in idx], np.int64),
         occlusion_rate=occlusion[idx],
+        order=np.array([used[i].order for i in idx], np.int64),
     )
 
 
@@ -244,14 +246,16 @@ def schema_to_tfds(example: dict[str, Any], stats: BuildStats) -> dict[str, Any]
         visible_bbox=obj["visible_bbox"],
         category_id=obj["category_id"],
         occlusion_rate=obj["occlusion_rate"],
+        order=obj.get("order"),
     )
 
 
 class AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base for release builders. Subclasses set the class constants and `read_split`."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "objects/order: the release's depth rank (1 = front, 0 = none)."}
     SOURCE: str = ""  # value of the `source` feature
     DOWNLOAD_PAGE: str = ""
     SPLIT_FILES: dict[str, Sequence[str]] = {}  # split -> annotation files in manual_dir

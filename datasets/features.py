@@ -4,6 +4,8 @@ Images and masks are stored as encoded bytes (`tfds.features.Image` passes bytes
 unchanged and decodes them with PIL), so building and reading need no TensorFlow:
   image          JPEG/PNG bytes of the RGB image (original file bytes when already RGB)
   objects/amodal_mask, objects/visible_mask   1-bit PNG per instance ([H, W, 1] uint8 0/1)
+  objects/order  the release's depth rank of each instance (1 = front, larger = further
+                 back; 0 = the release gives none)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def features() -> tfds.features.FeaturesDict:
                     "visible_bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
                     "category_id": np.int64,
                     "occlusion_rate": np.float32,
+                    "order": np.int64,
                 }
             ),
         }
@@ -76,8 +79,12 @@ def make_example(
     visible_bbox: np.ndarray,
     category_id: np.ndarray,
     occlusion_rate: np.ndarray,
+    order: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Schema example ready for TFDS: masks [N, H, W] bool, boxes [N, 4] xyxy float32."""
+    """Schema example ready for TFDS: masks [N, H, W] bool, boxes [N, 4] xyxy float32,
+    order [N] int (None: all 0, unknown)."""
+    n = len(np.asarray(category_id).reshape(-1))
+    order = np.zeros(n, np.int64) if order is None else np.asarray(order, np.int64).reshape(-1)
     return {
         "image": image,
         "image_id": int(image_id),
@@ -89,5 +96,6 @@ def make_example(
             "visible_bbox": np.asarray(visible_bbox, np.float32).reshape(-1, 4),
             "category_id": np.asarray(category_id, np.int64).reshape(-1),
             "occlusion_rate": np.asarray(occlusion_rate, np.float32).reshape(-1),
+            "order": order,
         },
     }

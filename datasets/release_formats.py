@@ -3,7 +3,8 @@
 Two layouts cover COCOA, COCOA-cls, D2SA and KINS:
 - COCOA original (`read_cocoa_regions`): `images` + one `annotations` record per image whose
   `regions` list holds the instances (flat amodal polygon `segmentation`, `name`, `isStuff`,
-  `occlude_rate`, and `visible_mask` / `invisible_mask` RLE only for occluded regions).
+  `occlude_rate`, `order` (depth rank, 1 = front), and `visible_mask` / `invisible_mask` RLE
+  only for occluded regions).
 - COCO style with amodal keys (`read_coco_instances`): one record per instance; the key names
   differ per release and are given by `InstanceKeys`.
 
@@ -161,6 +162,17 @@ def _image_entries(data: dict, path: Any, stats: BuildStats
     return images, skipped
 
 
+def _order(value: Any, what: str) -> int:
+    """A release's depth rank: a positive integer, or 0 when absent."""
+    if value is None:
+        return 0
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value != int(value) or value < 1:
+        raise BadEntry("bad_order", f"{what} {str(value)[:40]!r} is not a positive integer "
+                       "(1 = front)")
+    return int(value)
+
+
 def _raw_image(im: dict, instances: list[RawInstance]) -> RawImage:
     return RawImage(image_id=im["id"], file_name=im["file_name"], height=im["height"],
                     width=im["width"], instances=instances)
@@ -224,6 +236,7 @@ def read_cocoa_regions(path: str | os.PathLike, stats: BuildStats | None = None
                         name=name,
                         is_stuff=bool(stuff),
                         occlusion_rate=_rate(r.get("occlude_rate"), "occlude_rate"),
+                        order=_order(r.get("order"), "order"),
                     )
                 )
             except BadEntry as e:
@@ -240,6 +253,7 @@ class InstanceKeys:
     amodal_bbox: str | None = "bbox"
     visible_bbox: str | None = None
     occlusion_rate: str | None = "occlude_rate"
+    order: str | None = "order"  # depth rank, 1 = front (read where a record has it)
 
 
 COCOA_CLS_KEYS = InstanceKeys()
@@ -301,6 +315,7 @@ def read_coco_instances(path: str | os.PathLike, keys: InstanceKeys,
                     if keys.amodal_bbox else None,
                     visible_bbox_xywh=_box(get(keys.visible_bbox), keys.visible_bbox)
                     if keys.visible_bbox else None,
+                    order=_order(get(keys.order), keys.order) if keys.order else 0,
                 )
             )
         except BadEntry as e:

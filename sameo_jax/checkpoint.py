@@ -313,6 +313,31 @@ def _remove_partial(out: pathlib.Path, created: bool) -> None:
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
 
 
+TRAINING_CONFIG_ITEM = "config"  # the training config a training step saves beside params
+
+
+def training_init_checkpoint(path: str | os.PathLike) -> str | None:
+    """The `init_checkpoint` a training workdir (or its `checkpoints` folder) started from,
+    as its latest step's training config records it; None for files, for directories
+    without a training config and for runs from random initialisation."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        return None
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    with ocp.CheckpointManager(directory.absolute()) as manager:
+        step = manager.latest_step()
+        if step is None or not (pathlib.Path(manager.directory) / str(step)
+                                / TRAINING_CONFIG_ITEM).exists():
+            return None
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{TRAINING_CONFIG_ITEM: ocp.args.JsonRestore()}))
+    config = restored[TRAINING_CONFIG_ITEM]
+    value = config.get("init_checkpoint") if isinstance(config, dict) else None
+    return str(value) if isinstance(value, str) and value else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("input", help="official .pt / .pt.zip / .npz checkpoint")

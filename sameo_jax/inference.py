@@ -1,5 +1,6 @@
 """File-level inference used by predict.py: read an image and a prompts file, predict,
-write arrays and an overlay picture.
+write arrays and an overlay picture; with a visible decoder also the visible masks, the
+occlusion order and a picture of the depth layers.
 
 Outputs never replace a file without `overwrite` (numpy's implicit `.npz` suffix included),
 never share one path or an input's path, and are written to a temporary file renamed into place,
@@ -9,6 +10,7 @@ so a failed run leaves no half-written file. A run whose outputs would exceed
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -22,12 +24,30 @@ import numpy as np
 from PIL import Image
 
 from sameo_jax import image_io
+from sameo_jax import masks as mask_lib
+from sameo_jax import order as order_lib
 from sameo_jax import preprocessing as pp
 from sameo_jax.predictor import Prediction, Predictor
 
 DEFAULT_MAX_OUTPUT_GB = 4.0
 MAX_PROMPTS_FILE_BYTES = 64 << 20  # about two million box queries
 MAX_POINTS_PER_QUERY = 6  # the model's prompt length; a box counts as two points
+
+
+@dataclasses.dataclass(frozen=True)
+class ScenePrediction(Prediction):
+    """A `Prediction` (the amodal decoder's candidates) plus, for the best amodal candidate of
+    each query, the visible decoder's best mask and the occlusion order of the queries."""
+
+    amodal: np.ndarray  # [Q, H, W] bool, best amodal candidate by predicted IoU
+    visible: np.ndarray  # [Q, H, W] bool
+    visible_iou: np.ndarray  # [Q] float32
+    order: order_lib.OcclusionOrder
+
+    @property
+    def hidden(self) -> np.ndarray:
+        """[Q, H, W] bool: amodal minus visible."""
+        return self.amodal & ~self.visible
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -169,11 +189,13 @@ def plan_outputs(outputs: dict[str, str | os.PathLike | None], overwrite: bool,
 
 
 def check_outputs(save_npz: str | os.PathLike | None, overlay: str | os.PathLike | None,
-                  overwrite: bool, inputs: Sequence[str | os.PathLike]
-                  ) -> dict[str, pathlib.Path]:
+                  overwrite: bool, inputs: Sequence[str | os.PathLike], *,
+                  layers: str | os.PathLike | None = None,
+                  save_json: str | os.PathLike | None = None) -> dict[str, pathlib.Path]:
     """predict.py's outputs, checked by `plan_outputs` ('--save-npz' with numpy's suffix)."""
     return plan_outputs(
-        {"--save-npz": None if save_npz is None else npz_path(save_npz), "--overlay": overlay},
+        {"--save-npz": None if save_npz is None else npz_path(save_npz), "--overlay": overlay,
+         "--layers": layers, "--save-json": save_json},
         overwrite, inputs)
 
 
@@ -249,13 +271,26 @@ def predict_files(predictor: Predictor, image_path: str | os.PathLike,
                   overlay: str | os.PathLike | None = None, overwrite: bool = False, *,
                   best_only: bool = False,
                   max_output_bytes: float = DEFAULT_MAX_OUTPUT_GB * 1e9,
-                  inputs: Sequence[str | os.PathLike] = ()) -> Prediction:
+                  inputs: Sequence[str | os.PathLike] = (),
+                  layers: str | os.PathLike | None = None,
+                  save_json: str | os.PathLike | None = None) -> Prediction:
     """Runs the predictor on one image file and one prompts file; optionally writes
     `save_npz` (low_res_logits [Q,K,L,L], iou [Q,K], masks [Q,K,H,W] bool,
     image_embeddings [D,E,E]; K = 3, or 1 with `best_only`) and `overlay` (PNG of the best
     mask per query with its box and score). `inputs`: more paths no output may replace (the
-    checkpoint). Raises ValueError naming the file before any work where it can."""
-    outputs = check_outputs(save_npz, overlay, overwrite, [image_path, prompts_path, *inputs])
+    checkpoint). Raises ValueError naming the file before any work where it can.
+
+    With a visible decoder the result is a `ScenePrediction`, the npz also holds
+    visible_masks / hidden_masks [Q,H,W] bool, visible_iou [Q], order_matrix [Q,Q] int8 and
+    layers [Q], and `layers` (a PNG of the depth layers) and `save_json` (the same per query,
+    masks as COCO RLE) can be written; those two need the visible decoder.
+    """
+    outputs = check_outputs(save_npz, overlay, overwrite, [image_path, prompts_path, *inputs],
+                            layers=layers, save_json=save_json)
+    if layers is not None:
+        predictor.require_visible("--layers")
+    if save_json is not None:
+        predictor.require_visible("--save-json")
     image = load_image(image_path)
     points, labels = read_prompts(prompts_path)
     check_output_size(len(points), 1 if best_only else 3, image.shape[:2],
@@ -264,18 +299,79 @@ def predict_files(predictor: Predictor, image_path: str | os.PathLike,
     predictor.set_image(image, embedding)
     out = predictor.predict(points=points, point_labels=labels, multimask=True,
                             best_only=best_only)
+    arrays = {}
+    if predictor.has_visible:
+        out = _with_visible(predictor, out, points, labels)
+        arrays = dict(visible_masks=out.visible, hidden_masks=out.hidden,
+                      visible_iou=out.visible_iou, order_matrix=out.order.matrix,
+                      layers=out.order.layers)
     if "--save-npz" in outputs:
-        arrays = dict(low_res_logits=out.low_res_logits, iou=out.iou, masks=out.masks,
+        arrays.update(low_res_logits=out.low_res_logits, iou=out.iou, masks=out.masks,
                       image_embeddings=np.asarray(embedding[0]).transpose(2, 0, 1))
         write_atomic(outputs["--save-npz"], lambda f: np.savez_compressed(f, **arrays),
                      overwrite)
+    if "--save-json" in outputs:
+        scene = _scene_json(out, image_path, prompt_boxes(points, labels))
+        write_atomic(outputs["--save-json"], lambda f: f.write(scene.encode()), overwrite)
+    if "--layers" in outputs:
+        from sameo_jax.visualize import draw_layers
+
+        texts = [f"#{q} L{k}" for q, k in enumerate(out.order.layers)]
+        _write_png(outputs["--layers"],
+                   draw_layers(image, out.amodal, out.visible, out.order.layers, texts), overwrite)
     if "--overlay" in outputs:
         from sameo_jax.visualize import overlay_masks
 
         best = np.argmax(out.iou, axis=1)
         masks = out.masks[np.arange(len(best)), best]
         texts = [f"#{q} iou {out.iou[q, b]:.2f}" for q, b in enumerate(best)]
-        picture = Image.fromarray(overlay_masks(image, masks, prompt_boxes(points, labels),
-                                                texts))
-        write_atomic(outputs["--overlay"], lambda f: picture.save(f, format="PNG"), overwrite)
+        _write_png(outputs["--overlay"],
+                   overlay_masks(image, masks, prompt_boxes(points, labels), texts), overwrite)
     return out
+
+
+def _write_png(path: pathlib.Path, pixels: np.ndarray, overwrite: bool) -> None:
+    picture = Image.fromarray(pixels)
+    write_atomic(path, lambda f: picture.save(f, format="PNG"), overwrite)
+
+
+def _with_visible(predictor: Predictor, out: Prediction, points: np.ndarray,
+                  labels: np.ndarray) -> ScenePrediction:
+    """Adds the visible decoder's best masks (same embedding, same prompts) and the order."""
+    visible = predictor.predict(points=points, point_labels=labels, multimask=True,
+                                best_only=True, decoder="visible")
+    best = np.argmax(out.iou, axis=1)
+    amodal = out.masks[np.arange(len(best)), best]
+    vis = visible.masks[:, 0]
+    return ScenePrediction(masks=out.masks, low_res_logits=out.low_res_logits, iou=out.iou,
+                           amodal=amodal, visible=vis, visible_iou=visible.iou[:, 0],
+                           order=order_lib.occlusion_order(vis, amodal))
+
+
+def _scene_json(out: ScenePrediction, image_path: str | os.PathLike, boxes: np.ndarray) -> str:
+    """Per query: box, best amodal / visible / hidden mask (COCO RLE), predicted IoUs, layer;
+    and the order matrix (row i, column j: +1 i occludes j, -1 j occludes i, 0 neither)."""
+    h, w = out.amodal.shape[1:]
+    best = np.argmax(out.iou, axis=1)
+    objects = [
+        {
+            "query": q,
+            "box": [round(float(v), 2) for v in boxes[q]],
+            "amodal": mask_lib.encode_rle(out.amodal[q]),
+            "visible": mask_lib.encode_rle(out.visible[q]),
+            "hidden": mask_lib.encode_rle(out.hidden[q]),
+            "amodal_iou": round(float(out.iou[q, best[q]]), 5),
+            "visible_iou": round(float(out.visible_iou[q]), 5),
+            "layer": int(out.order.layers[q]),
+        }
+        for q in range(len(best))
+    ]
+    scene = {
+        "image": os.fspath(image_path),
+        "height": int(h),
+        "width": int(w),
+        "objects": objects,
+        "order_matrix": out.order.matrix.tolist(),
+        "order_convention": "order_matrix[i][j] = 1: i occludes j; -1: j occludes i; 0: neither",
+    }
+    return json.dumps(scene)

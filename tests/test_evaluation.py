@@ -17,6 +17,8 @@ from pycocotools.cocoeval import COCOeval
 from sameo_jax import masks as mask_lib
 from sameo_jax.evaluation import coco_eval, coco_results, occlusion, pictures, runner
 
+from .conftest import random_params
+
 # ----------------------------------------------------------------------------- fixtures
 #
 # Image 1 (20 x 20), category 1:
@@ -481,32 +483,13 @@ def test_demo_split_has_the_demo_training_scenes(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
-def _random_params(config, seed=0):
-    """Random params of `config`'s shapes, drawn in numpy (faster than tracing the init)."""
-    import jax
-
-    from sameo_jax.checkpoint import param_shapes
-
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = str(path[-1])
-        if "scale" in name:
-            return np.ones(leaf.shape, leaf.dtype)
-        if "bias" in name:
-            return np.zeros(leaf.shape, leaf.dtype)
-        return (rng.standard_normal(leaf.shape) * 0.05).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
-
-
 @pytest.fixture(scope="module")
 def tiny_predictor():
     from sameo_jax.models.efficient_sam import model_config
     from sameo_jax.predictor import Predictor
 
     config = model_config("tiny")
-    return Predictor(config, _random_params(config))
+    return Predictor(config, random_params(config))
 
 
 def _demo_options(tmp_path, **kw):
@@ -636,7 +619,7 @@ def test_evaluate_command_line_with_saved_checkpoint(tmp_path):
     from sameo_jax.models.efficient_sam import model_config
 
     config = model_config("tiny")
-    ckpt = save_params(_random_params(config, seed=1), tmp_path / "ckpt", config)
+    ckpt = save_params(random_params(config, seed=1), tmp_path / "ckpt", config)
     repo = pathlib.Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
     cmd = [sys.executable, str(repo / "evaluate.py"), "--split", "demo", "--checkpoint",

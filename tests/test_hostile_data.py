@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from datasets import build
+from datasets import amodal_builder, build
 from sameo_jax import masks as mask_lib
 from sameo_jax.data import sources
 from sameo_jax.evaluation import evaluator
@@ -438,7 +438,7 @@ def test_failed_rebuild_leaves_the_old_build(tmp_path, capsys):
     args = ["cocoa_cls", "--manual_dir", str(manual), "--data_dir", str(data), "--split",
             "validation"]
     assert _run_build(capsys, args)[0] == 0
-    built = data / "cocoa_cls" / "1.0.0"
+    built = data / "cocoa_cls" / str(amodal_builder.AmodalBuilder.VERSION)
     before = _tree_digest(built)
 
     # Fails while generating (after examples were written to the staging folder).
@@ -459,7 +459,7 @@ def test_failed_rebuild_leaves_the_old_build(tmp_path, capsys):
     assert rc == 0 and re.search(r"written: 1\b", out)
     assert len(sources.open_source("cocoa_cls", "validation", str(data))) == 1
     assert sorted(p.name for p in data.iterdir()) == ["cocoa_cls"]
-    assert sorted(p.name for p in built.parent.iterdir()) == ["1.0.0"]
+    assert sorted(p.name for p in built.parent.iterdir()) == [built.name]
 
 
 def test_swap_in_puts_the_old_build_back_when_the_move_fails(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
 A COCO *results* file is a JSON list of dicts. Detector files (the prompts SAMEO refines) need
 `image_id`, `category_id`, `bbox` (xywh, pixels) and `score`, and may carry a visible-mask
 `segmentation`. Segmentation results files (what SAMEO writes, what `--results` scores) need
-`image_id`, `category_id`, `segmentation` (RLE) and `score`.
+`image_id`, `category_id`, `segmentation` (RLE) and `score`, and may carry the visible mask
+of the same object as `visible_segmentation` (for occlusion order).
 
 Malformed entries never reach pycocotools: they are skipped, counted per problem in an
 `EntryReport`, and reported in one line each. A file with no usable entry is an error.
@@ -305,6 +306,15 @@ def parse_results(
         gt_instance = _as_int(entry.get("gt_instance"))
         if gt_instance is not None:
             result["gt_instance"] = gt_instance
+        visible = entry.get("visible_segmentation")
+        if visible is not None:
+            why = check_segmentation(visible, hw)
+            if why is not None:
+                report.skip(i, "a bad visible_segmentation", why)
+                continue
+            # Kept as compressed RLE, whatever form it came in.
+            result["visible_segmentation"] = mask_lib.encode_rle(
+                mask_lib.decode_segmentation(visible, *hw))
         out.append(result)
     report.kept = len(out)
     if not out:

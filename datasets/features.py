@@ -77,14 +77,16 @@ def make_example(
     category_id: np.ndarray,
     occlusion_rate: np.ndarray,
 ) -> dict[str, Any]:
-    """Schema example ready for TFDS: masks [N, H, W] bool, boxes [N, 4] xyxy float32."""
+    """Schema example ready for TFDS: masks [N, H, W] bool (or a list of their encode_mask
+    bytes), boxes [N, 4] xyxy float32."""
     return {
         "image": image,
         "image_id": int(image_id),
         "source": source,
         "objects": {
-            "amodal_mask": [encode_mask(m) for m in amodal_masks],
-            "visible_mask": [encode_mask(m) for m in visible_masks],
+            "amodal_mask": [m if isinstance(m, bytes) else encode_mask(m) for m in amodal_masks],
+            "visible_mask": [m if isinstance(m, bytes) else encode_mask(m)
+                             for m in visible_masks],
             "amodal_bbox": np.asarray(amodal_bbox, np.float32).reshape(-1, 4),
             "visible_bbox": np.asarray(visible_bbox, np.float32).reshape(-1, 4),
             "category_id": np.asarray(category_id, np.int64).reshape(-1),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
 import multiprocessing
 import os
 import pathlib
@@ -135,6 +136,11 @@ class ShardJob:
         return out, stats
 
 
+def _log_like_parent(level: int, fmt: str | None) -> None:
+    """A spawned worker's logging: the parent's root level and format, to stderr."""
+    logging.basicConfig(level=level, format=fmt or logging.BASIC_FORMAT)
+
+
 def run_shards(job: Callable, tasks: Iterable, workers: int) -> Iterator:
     """job(task) for each task, in task order: in this process when workers <= 1, else in
     `workers` fresh processes (spawned: nothing of this process's threads or memory is
@@ -143,8 +149,11 @@ def run_shards(job: Callable, tasks: Iterable, workers: int) -> Iterator:
     if workers <= 1:
         yield from map(job, tasks)
         return
-    context = multiprocessing.get_context("spawn")
-    pool = futures.ProcessPoolExecutor(workers, mp_context=context)
+    root = logging.getLogger()
+    fmt = getattr(root.handlers[0].formatter, "_fmt", None) if root.handlers else None
+    pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_log_like_parent,
+                                       initargs=(root.level, fmt if isinstance(fmt, str) else None))
     pending = collections.deque()
     try:
         for task in tasks:

@@ -330,11 +330,15 @@ class AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     # --- TFDS hooks ----------------------------------------------------------------------
 
+    def feature_spec(self) -> tfds.features.FeaturesDict:
+        """The features this builder writes (the shared schema; a builder may add some)."""
+        return features_lib.features()
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
             description=(self.__doc__ or "").strip(),
-            features=features_lib.features(),
+            features=self.feature_spec(),
             homepage=self.DOWNLOAD_PAGE or None,
             metadata=tfds.core.MetadataDict(),
         )

@@ -81,8 +81,8 @@ def make_example(
     occlusion_rate: np.ndarray,
     order: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Schema example ready for TFDS: masks [N, H, W] bool, boxes [N, 4] xyxy float32,
-    order [N] int (None: all 0, unknown)."""
+    """Schema example ready for TFDS: masks [N, H, W] bool (or a list of their encode_mask
+    bytes), boxes [N, 4] xyxy float32, order [N] int (None: all 0, unknown)."""
     n = len(np.asarray(category_id).reshape(-1))
     order = np.zeros(n, np.int64) if order is None else np.asarray(order, np.int64).reshape(-1)
     return {
@@ -90,8 +90,9 @@ def make_example(
         "image_id": int(image_id),
         "source": source,
         "objects": {
-            "amodal_mask": [encode_mask(m) for m in amodal_masks],
-            "visible_mask": [encode_mask(m) for m in visible_masks],
+            "amodal_mask": [m if isinstance(m, bytes) else encode_mask(m) for m in amodal_masks],
+            "visible_mask": [m if isinstance(m, bytes) else encode_mask(m)
+                             for m in visible_masks],
             "amodal_bbox": np.asarray(amodal_bbox, np.float32).reshape(-1, 4),
             "visible_bbox": np.asarray(visible_bbox, np.float32).reshape(-1, 4),
             "category_id": np.asarray(category_id, np.int64).reshape(-1),

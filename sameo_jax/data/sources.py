@@ -93,6 +93,11 @@ class TfdsSource:
 def to_schema(record: dict[str, Any]) -> dict[str, Any]:
     """A decoded TFDS record (lists of per-instance arrays) -> schema example (numpy)."""
     image = np.asarray(record["image"], np.uint8)
+    if "occluders" in record:  # Amodal-LVIS stores the source image and the occluder apart
+        from sameo_jax.data import amodal_lvis
+
+        image = amodal_lvis.paste_occluders(
+            image, amodal_lvis.stored_patches(record["occluders"]))
     h, w = image.shape[:2]
     obj = record["objects"]
 

@@ -4,6 +4,8 @@ Variants (the part after the colon):
 
   vitt  EfficientSAM ViT-T from a converted official checkpoint; only the mask decoder trains.
   vits  the same with ViT-S.
+  vitt_cpu, vits_cpu  the same for a CPU run under ./cpu.sh (malloc keeps freed memory): the
+        encoder's attention in the bigger query chunks that pay there.
   demo  a tiny model trained from scratch on the embedded procedural data set (no download):
         finishes on a 2-core CPU in a few minutes.
 
@@ -24,11 +26,18 @@ from __future__ import annotations
 
 import ml_collections
 
+# Encoder attention queries per chunk under ./cpu.sh: the largest power of two whose logits
+# fit 48 MiB per image (without kept memory their fresh pages cost more than they save).
+CPU_ENCODER_CHUNKS = {"vitt": 1024, "vits": 512}
+VARIANTS = ("vitt", "vits", "demo", "vitt_cpu", "vits_cpu")
+
 
 def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
-    """The training config of a variant: 'vitt', 'vits' or 'demo'."""
-    if arg not in ("vitt", "vits", "demo"):
-        raise ValueError(f"unknown config variant {arg!r}; choose vitt, vits or demo")
+    """The training config of a variant: 'vitt', 'vits', 'demo', 'vitt_cpu' or 'vits_cpu'."""
+    if arg not in VARIANTS:
+        raise ValueError(f"unknown config variant {arg!r}; choose one of {', '.join(VARIANTS)}")
+    cpu = arg.endswith("_cpu")
+    arg = arg.removesuffix("_cpu")
     c = ml_collections.ConfigDict()
 
     # Model: a named variant of sameo_jax.models.config, plus field overrides.
@@ -103,18 +112,11 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
 
     # Multi-host: call jax.distributed.initialize() (cluster auto-detection) first.
     c.distributed = False
-    # On a CPU, keep freed host memory for reuse (train.py; sameo_jax/host_memory.py): the
-    # ViT-T step's ~1 GB of temporaries is otherwise page-faulted in afresh every step
-    # (0.62x-0.67x the step time with it). It puts all threads on one malloc arena, which
-    # small programs pay for: the demo's steps ran 1.5x slower, so the demo turns it off.
-    c.keep_freed_host_memory = True
-
     if arg == "demo":
         # Random encoders carry no knowledge, so with no pretrained checkpoint everything
         # trains; give --config.init_checkpoint and --config.trainable="('mask_decoder/',)"
         # to run the SAMEO recipe (decoder-only) instead.
         c.trainable = (".*",)
-        c.keep_freed_host_memory = False
         c.model.overrides.img_size = 128
         # Scenes rendered at the model's input size, objects large enough to keep their
         # shape at the 32 x 32 mask size, and heavy occlusion (30-70% hidden), so that
@@ -132,4 +134,6 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
         c.log_every = 20
         c.checkpoint_every = 200
         c.eval_every = 200
+    if cpu:
+        c.model.overrides.encoder_attention_chunk = CPU_ENCODER_CHUNKS[arg]
     return c

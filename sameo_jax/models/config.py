@@ -29,8 +29,7 @@ class EfficientSamConfig:
     max_num_points: int = 6
     dtype: str = "float32"  # compute dtype; parameters stay float32
     # Encoder attention runs this many queries at a time (0: all at once). Same result;
-    # on CPU chunks of 256 keep the logits in cache (about 2x faster at 4096 tokens). A
-    # process that keeps freed host memory runs bigger chunks faster (`kept_memory_config`).
+    # on CPU chunks of 256 keep the logits in cache (configs' *_cpu variants: bigger ones).
     encoder_attention_chunk: int = 256
     # The mask decoder runs this many prompts of an image at a time (0: all at once). Same
     # result; each prompt has its own 4096 x 256 image tokens from the first layer on, and
@@ -75,31 +74,6 @@ class EfficientSamConfig:
         if unknown:
             raise ValueError(f"unknown EfficientSamConfig fields: {unknown}")
         return cls(**values)
-
-
-# Logits of one query chunk of the encoder's attention, per image, in a process that keeps
-# freed host memory: ViT-T runs 1024 queries at a time, ViT-S 512.
-KEPT_MEMORY_CHUNK_BYTES = 48 * 2**20
-
-
-def kept_memory_config(config: EfficientSamConfig) -> EfficientSamConfig:
-    """`config` for a CPU process that keeps freed host memory (sameo_jax/host_memory.py): the
-    encoder's attention in the largest power-of-two query chunks whose logits fit
-    KEPT_MEMORY_CHUNK_BYTES per image, never smaller than the config's own chunks.
-
-    Bigger chunks mean bigger, faster products and fewer loop steps; without kept memory their
-    logits' fresh pages cost more than that saves (ViT-T at 1024 queries: 1.35x the time,
-    ViT-S at 512: 1.26x), with it they pay (ViT-T 0.81x, ViT-S 0.85x; BENCHMARKS.md). The same
-    results, bit for bit.
-    """
-    chunk = config.encoder_attention_chunk
-    tokens = config.embedding_size**2
-    if not chunk:
-        return config
-    per_query = config.encoder_heads * tokens * jnp.dtype(jnp.float32).itemsize
-    while 2 * chunk <= tokens and 2 * chunk * per_query <= KEPT_MEMORY_CHUNK_BYTES:
-        chunk *= 2
-    return dataclasses.replace(config, encoder_attention_chunk=chunk)
 
 
 _VARIANTS = {

@@ -27,6 +27,7 @@ import jax
 from absl import app, flags, logging
 
 from sameo_jax.checkpoint import CheckpointError
+from sameo_jax.cli import parse_flags
 from sameo_jax.inference import (
     DEFAULT_MAX_OUTPUT_GB,
     ScenePrediction,
@@ -66,13 +67,6 @@ def _error(message: object) -> SystemExit:
     return SystemExit("error: " + " ".join(str(message).split()))
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as exc:
-        raise _error(f"{exc} (see --helpshort)") from None
-
-
 def main(argv):
     if len(argv) > 1:
         raise _error(f"unexpected arguments {argv[1:]}; every input is a --flag")
@@ -105,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)

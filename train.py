@@ -20,6 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sameo_jax.cli import parse_flags
 from sameo_jax.evaluation.evaluator import SPLITS
 from sameo_jax.training.checkpointing import CHECKPOINT_SUBDIR
 from sameo_jax.training.loop import train_and_evaluate
@@ -66,4 +67,4 @@ def next_steps(config, workdir: str, step: int) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

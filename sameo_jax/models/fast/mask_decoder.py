@@ -126,6 +126,7 @@ class MaskDecoder(nn.Module):
         if self.is_initializing() or not chunk or q <= chunk or q % chunk:
             return self._decode(sparse, embeddings, *args)
         n = q // chunk
+        embeddings = jnp.asarray(embeddings)  # indexed by the loop's traced image number
         variables = self.variables
         decoder = MaskDecoder(self.config, parent=None)  # applied inside the loop
 
@@ -160,8 +161,7 @@ class MaskDecoder(nn.Module):
         if log_weight is not None:
             token_log_weight = jnp.concatenate([jnp.zeros(1 + num_masks, jnp.float32),
                                                 log_weight])
-        # Factored form of rank k: d + q k instead of q d products per image token for the q
-        # prompts of an image, so with enough prompts only.
+        # Rank k factors cost d + q k products per image token against q d dense, for q prompts.
         k = cfg.decoder_depth * cfg.decoder_heads * tokens.shape[-2]
         use_factored = cfg.factored_upscale and q * (d - k) > d
         tokens, keys, factored = TwoWayTransformer(

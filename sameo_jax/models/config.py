@@ -30,17 +30,13 @@ class EfficientSamConfig:
     iou_head_hidden: int = 256
     max_num_points: int = 6
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    # Encoder attention runs this many queries at a time (0: all at once): same result, the
-    # logits of a chunk stay in cache.
+    # Encoder attention queries per chunk (0: all at once): same result, logits stay in cache.
     encoder_attention_chunk: int = 256
-    # The mask decoder: "fast" (models/fast/, reassociated and factored) or "reference"
-    # (models/mask_decoder.py, the paper's form); the same function on the same parameters.
+    # Mask decoder: "fast" (models/fast/) or "reference" (the paper's form); same parameters.
     decoder_impl: str = "fast"
-    # Fast decoder: this many prompts of an image at a time (0: all at once): same result,
-    # each prompt's 4096 x 256 image tokens stay in cache.
+    # Fast decoder: prompts of an image per chunk (0: all at once), so their tokens stay in cache.
     decoder_prompt_chunk: int = 4
-    # Fast decoder: the first transposed convolution reads the image tokens in factored form
-    # (models/fast/low_rank.py) when that is less work; the train step turns it off.
+    # Fast decoder: first upscale on factored tokens when that is less work (not in training).
     factored_upscale: bool = True
 
     def __post_init__(self):
@@ -82,8 +78,7 @@ class EfficientSamConfig:
         return cls(**values)
 
 
-# Logits of one query chunk of the encoder's attention, per image, in a process that keeps
-# freed host memory: ViT-T runs 1024 queries at a time, ViT-S 512.
+# Per-image logits of one encoder attention chunk where freed host memory is kept.
 KEPT_MEMORY_CHUNK_BYTES = 48 * 2**20
 
 
@@ -92,10 +87,8 @@ def kept_memory_config(config: EfficientSamConfig) -> EfficientSamConfig:
     encoder's attention in the largest power-of-two query chunks whose logits fit
     KEPT_MEMORY_CHUNK_BYTES per image, never smaller than the config's own chunks.
 
-    Bigger chunks mean bigger, faster products and fewer loop steps; without kept memory their
-    logits' fresh pages cost more than that saves (ViT-T at 1024 queries: 1.35x the time,
-    ViT-S at 512: 1.26x), with it they pay (ViT-T 0.81x, ViT-S 0.85x; BENCHMARKS.md). The same
-    results, bit for bit.
+    Bigger chunks mean bigger products and fewer loop steps, which pay only when their logits'
+    pages are reused rather than fresh (BENCHMARKS.md). The same results, bit for bit.
     """
     chunk = config.encoder_attention_chunk
     tokens = config.embedding_size**2

@@ -124,8 +124,7 @@ def _compiled_init(config: EfficientSamConfig):
     s = config.img_size
 
     def init(key):
-        # Dummy inputs made inside the traced function: this cached function may first be
-        # built under another trace (param_shapes' eval_shape), which must not leak into it.
+        # Inputs made inside: a first build under param_shapes' eval_shape must not leak in.
         images = jnp.zeros((1, s, s, 3), jnp.float32)
         points = jnp.zeros((1, 1, 2, 2), jnp.float32)
         labels = jnp.zeros((1, 1, 2), jnp.int32)

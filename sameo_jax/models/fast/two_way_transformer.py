@@ -108,14 +108,12 @@ class Attention(nn.Module):
         carry_tokens = 2 * prompts * h * t * s * d
         if project_image <= carry_tokens:
             return self(tokens, image_k, image_v)
-        # logits[h, t, s] = q[h, t] . (W_k,h^T x_s + b_k,h): the bias term is constant over s,
-        # so it drops out of the softmax; the rest is (W_k,h q[h, t]) . x_s.
+        # q . (W_k^T x_s + b_k) = (W_k q) . x_s + const over s: the key bias drops from softmax.
         q = _split_heads(self.q_proj(tokens) * self.head_dim**-0.5, h)  # [..., H, T, C/H]
         wk, _ = self._head_kernel(self.k_proj)
         qk = jnp.einsum("...htc,dhc->...htd", q, wk)
         qk = qk.reshape(*qk.shape[:-3], h * t, d)
-        # Image-major logits [..., S, H*T]: the image tokens are read in their own layout
-        # (a [..., H*T, S] product would transpose every prompt's image tokens first).
+        # Logits [..., S, H*T] read the image tokens in their own layout (no transposed copy).
         logits = image_k.astype(qk.dtype) @ jnp.swapaxes(qk, -1, -2)
         # Weights sum to 1: sum_s w_s (W_v^T x_s + b_v) = W_v^T (sum_s w_s x_s) + b_v.
         mixed = softmax_matmul(logits, image_v.astype(qk.dtype), keys_first=True)
@@ -231,8 +229,7 @@ class TwoWayTransformer(nn.Module):
                 self.embed_dim, self.num_heads, self.mlp_dim, self.downsample_rate,
                 add_query_pe=i > 0, dtype=self.dtype, name=f"layers_{i}",
             )(queries, keys, query_pe, key_pe, token_log_weight, factored)
-        # The final attention only updates the tokens (each on its own), so tokens whose
-        # output is not wanted are left out of it.
+        # The final attention updates each token on its own: unwanted tokens skip it.
         if outputs is not None:
             queries, query_pe = (jnp.take(x, np.asarray(outputs), axis=-2)
                                  for x in (queries, query_pe))

@@ -1,13 +1,15 @@
 """The fast mask decoder (models/fast/) is the reference decoder (models/mask_decoder.py).
 
 The contract: both read the same parameter tree, the fast one runs a counterpart of every
-reference module, and on every path a user or the train step takes (one box, many boxes in
-prompt chunks with the factored upscale, point prompts with and without padding, multimask on
-and off, unused tokens skipped) the two give the same outputs and gradients to float32
-rounding. The goldens (test_model_parity) hold both to the original.
+reference module, and on every path a user or the train step takes (prompt chunks and the
+direct call, factored and dense upscale, padding points weighted or not, multimask on and off,
+unused tokens skipped) the two give the same outputs and gradients to float32 rounding. The
+reference runs all cases in one compiled program. The goldens (test_model_parity) hold both
+to the original.
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -32,10 +34,13 @@ D, C, H, T, S, Q = 32, 16, 4, 3, 64, 8  # H * T < C: carrying tokens is the chea
 # call take the factored upscale (with 4 heads the rank equals the width and it never does).
 FAST = model_config("tiny", decoder_heads=2)
 REFERENCE = dataclasses.replace(FAST, decoder_impl="reference")
+# The contract is about the functions computed: LLVM's optimisations would only cost compile time.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
-def _normal(key, shape, scale=1.0):
-    return scale * jax.random.normal(jax.random.key(key), shape)
+def _normal(seed, shape, scale=1.0) -> np.ndarray:
+    """Normal float32 values, drawn in numpy (no compile per shape)."""
+    return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
 
 
 def _paths(tree) -> dict[str, tuple[int, ...]]:
@@ -99,7 +104,7 @@ def _prompts(kind: str, images: int, prompts: int):
     xy = rng.uniform(0, 200, (images, prompts, 2)).astype(np.float32)
     if kind == "boxes":
         return pp.boxes_to_prompts(np.concatenate([xy, xy + 50], -1))
-    count = {"one-point": 1, "two-points": 2, "five-points": 5}[kind]
+    count = {"one-point": 1, "five-points": 5}[kind]
     points = rng.uniform(0, 255, (images, prompts, count, 2)).astype(np.float32)
     labels = rng.integers(0, 2, (images, prompts, count)).astype(np.int32)
     labels[..., 0] = 1
@@ -114,129 +119,150 @@ def _assert_close(got, want, tol, what):
         err_msg=f"{what}{jax.tree_util.keystr(path)}"), got, want)
 
 
-CASES = {  # name: (prompt kind, images, prompts per image, decode_all keyword arguments)
-    "one-box": ("boxes", 1, 1, {}),
-    "boxes-in-chunks": ("boxes", 2, 8, {}),  # 2 chunks of 4, factored upscale
-    "boxes-multimask": ("boxes", 1, 4, {"prompt_tokens": False, "mask_ids": (1, 2, 3)}),
-    "one-point-single-mask": ("one-point", 1, 3, {"prompt_tokens": False, "mask_ids": (0,)}),
-    "two-points": ("two-points", 2, 2, {"mask_ids": (0, 2)}),
-    "five-points": ("five-points", 1, 4, {"prompt_tokens": False}),  # one padding point
+# name: (prompt kind, images, prompts per image, EfficientSam method, its keyword arguments,
+# fast config overrides). Together they take every fast path: prompt chunks (lax.map) and the
+# direct call, factored and dense upscale, padding points weighted (> 1) and not (1), all or
+# some mask tokens, all tokens or only the wanted ones, one image or two.
+CASES = {
+    # 2 chunks of 4 boxes per image, factored upscale, 4 padding points as one.
+    "boxes-in-chunks": ("boxes", 2, 8, "decode_all", {}, {}),
+    # The train step's path: multimask decode of 4 boxes per image, dense upscale.
+    "train-step": ("boxes", 2, 4, "decode", {"multimask_output": True},
+                   {"factored_upscale": False}),
+    # Single-mask decode, factored upscale with 3 prompts, 5 padding points as one.
+    "one-point-single-mask": ("one-point", 1, 3, "decode", {"multimask_output": False}, {}),
+    # One padding point (not reweighted), some mask tokens with all tokens, dense upscale.
+    "five-points": ("five-points", 1, 2, "decode_all", {"mask_ids": (0, 2)}, {}),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_fast_decoder_computes_the_reference_function(params, case):
-    """All of decode_all's outputs, and the gradients of a loss on them with respect to the
-    mask decoder's parameters."""
-    kind, images, prompts, kwargs = CASES[case]
-    points, labels = (jnp.asarray(x) for x in _prompts(kind, images, prompts))
+def _inputs(case: str):
+    """points [B, Q, P, 2], labels [B, Q, P], embeddings [B, E, E, D] of a case."""
+    kind, images, prompts = CASES[case][:3]
+    points, labels = _prompts(kind, images, prompts)
     e = FAST.embedding_size
-    emb = _normal(images, (images, e, e, FAST.embed_dim))
+    emb = _normal(list(CASES).index(case), (images, e, e, FAST.embed_dim))
+    return points, labels, np.asarray(emb)
 
-    def loss(decoder_params, config):
+
+def _loss(out: dict) -> jax.Array:
+    """A nonlinear function of every output a case returns."""
+    loss = jnp.mean(jnp.tanh(out["logits"])) + jnp.mean(out["iou"] ** 2)
+    if "tokens" in out:
+        loss = loss + jnp.mean(jnp.sin(out["tokens"])) + jnp.mean(jnp.cos(out["hyper_in"]))
+    return loss
+
+
+def _reference_selection(case: str, out: dict) -> dict:
+    """The reference decoder's outputs for all M mask tokens -> what the case's method returns
+    (by indexing: `decode` is the official `select_masks`)."""
+    method, kwargs = CASES[case][3:5]
+    if method == "decode":
+        logits, iou = select_masks(out["logits"], out["iou"], kwargs["multimask_output"])
+        return {"logits": logits, "iou": iou}
+    ids = np.asarray(kwargs.get("mask_ids", range(4)))
+    tokens = out["tokens"]
+    if not kwargs.get("prompt_tokens", True):
+        tokens = tokens[..., np.asarray([0, *(1 + ids)]), :]
+    return {"logits": out["logits"][..., ids, :, :], "iou": out["iou"][..., ids],
+            "hyper_in": out["hyper_in"][..., ids, :], "tokens": tokens, "sparse": out["sparse"]}
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(params):
+    """Every case's reference outputs and loss gradient from one compiled program: the cases'
+    prompts padded to 6 points and run as one prompt per row (prompts never interact), all
+    mask tokens decoded, then each case's selection."""
+    rows, shapes = [], []
+    for case in CASES:
+        points, labels, emb = _inputs(case)
+        b, q = points.shape[:2]
+        points, labels = pp.pad_prompts(points, labels, FAST.max_num_points)
+        rows.append((points.reshape(b * q, 1, *points.shape[2:]),
+                     labels.reshape(b * q, 1, -1), np.repeat(emb, q, axis=0)))
+        shapes.append((b, q))
+    points, labels, emb = (np.concatenate(x) for x in zip(*rows, strict=True))
+
+    def losses(decoder_params):
+        p = dict(params, mask_decoder=decoder_params)
+        out = EfficientSam(REFERENCE).apply({"params": p}, emb, points, labels,
+                                            method=EfficientSam.decode_all)
+        per_case, start = [], 0
+        for case, (b, q) in zip(CASES, shapes, strict=True):
+            rows = {k: v[start:start + b * q, 0].reshape(b, q, *v.shape[2:])
+                    for k, v in out.items()}
+            per_case.append(_reference_selection(case, rows))
+            start += b * q
+        return jnp.stack([_loss(o) for o in per_case]), per_case
+
+    grads, outs = _jit(jax.jacrev(losses, has_aux=True))(params["mask_decoder"])
+    return {case: (outs[i], jax.tree.map(lambda g, i=i: g[i], grads))
+            for i, case in enumerate(CASES)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_decoder_computes_the_reference_function(params, reference_outputs, case):
+    """The case's outputs, and the gradients of a loss on them with respect to the mask
+    decoder's parameters, equal the reference decoder's."""
+    method, kwargs, overrides = CASES[case][3:]
+    config = dataclasses.replace(FAST, **overrides)
+    points, labels, emb = _inputs(case)
+
+    def loss(decoder_params):
         p = dict(params, mask_decoder=decoder_params)
         out = EfficientSam(config).apply({"params": p}, emb, points, labels,
-                                         method=EfficientSam.decode_all, **kwargs)
-        return (jnp.mean(jnp.tanh(out["logits"])) + jnp.mean(out["iou"] ** 2)
-                + jnp.mean(jnp.sin(out["tokens"]))), out
+                                         method=getattr(EfficientSam, method), **kwargs)
+        if method == "decode":
+            out = dict(zip(("logits", "iou"), out, strict=True))
+        return _loss(out), out
 
-    (_, got), got_grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
-        params["mask_decoder"], FAST)
-    (_, want), want_grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
-        params["mask_decoder"], REFERENCE)
-    k = len(kwargs.get("mask_ids", range(4)))
-    assert got["logits"].shape == (images, prompts, k, FAST.low_res_size, FAST.low_res_size)
+    (_, got), got_grads = _jit(jax.value_and_grad(loss, has_aux=True))(params["mask_decoder"])
+    want, want_grads = reference_outputs[case]
     assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, want)
     _assert_close(got, want, 1e-4, "output ")
     _assert_close(got_grads, want_grads, 1e-3, "gradient ")
 
 
-def test_decode_returns_the_reference_selection(params):
-    """`decode` (which decodes only the mask tokens it returns) gives the official selection
-    of the reference decoder's outputs."""
-    points, labels = (jnp.asarray(x) for x in _prompts("boxes", 1, 3))
-    e = FAST.embedding_size
-    emb = _normal(7, (1, e, e, FAST.embed_dim))
-    everything = jax.jit(lambda p: EfficientSam(REFERENCE).apply(
-        {"params": p}, emb, points, labels, method=EfficientSam.decode_all))(params)
-    for multimask in (True, False):
-        got = jax.jit(lambda p, m=multimask: EfficientSam(FAST).apply(
-            {"params": p}, emb, points, labels, m, method=EfficientSam.decode))(params)
-        want = select_masks(everything["logits"], everything["iou"], multimask)
-        _assert_close(got, want, 1e-4, f"multimask={multimask} ")
+def _fast_paths(case: str, **overrides) -> tuple[bool, tuple[int, int]]:
+    """(whether the first upscale reads factored tokens, [B, Q] of each decoder pass)."""
+    method, kwargs, case_overrides = CASES[case][3:]
+    config = dataclasses.replace(FAST, **{**case_overrides, **overrides})
+    points, labels, emb = _inputs(case)
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        if context.module.name == "upscale_conv1":
+            seen["factored"] = isinstance(args[0], LowRankTokens)
+        if context.method_name == "_decode":
+            seen["pass"] = tuple(args[0].shape[:2])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda p: EfficientSam(config).apply(
+            {"params": p}, emb, points, labels, method=getattr(EfficientSam, method),
+            **kwargs), param_shapes(config))
+    return seen["factored"], seen["pass"]
 
 
-def test_upscale_reads_factored_tokens_with_enough_prompts(params):
-    """The factored path is the one that runs for 4 boxes per call (and not for 2, nor with
-    `factored_upscale=False`), so the contract above covers it."""
-
-    def factored(config, prompts) -> bool:
-        seen = []
-
-        def record(next_fun, args, kwargs, context):
-            if context.module.name == "upscale_conv1":
-                seen.append(type(args[0]))
-            return next_fun(*args, **kwargs)
-
-        points, labels = (jnp.asarray(x) for x in _prompts("boxes", 1, prompts))
-        e = config.embedding_size
-        with nn.intercept_methods(record):
-            jax.eval_shape(lambda p: EfficientSam(config).apply(
-                {"params": p}, jnp.zeros((1, e, e, config.embed_dim)), points, labels,
-                method=EfficientSam.decode), params)
-        assert len(seen) == 1
-        return seen[0] is LowRankTokens
-
-    assert factored(FAST, 4)
-    assert not factored(FAST, 2)
-    assert not factored(dataclasses.replace(FAST, factored_upscale=False), 4)
-
-
-def test_train_step_is_the_same_on_either_decoder():
-    """One SAMEO training step (the path the train step takes: decode with the dense
-    upscale, gradients of the loss) gives the same loss and parameters on both decoders."""
-    from configs.sameo import get_config
-    from sameo_jax.training import optimizer
-    from sameo_jax.training.state import TrainState
-    from sameo_jax.training.step import make_train_step
-
-    config = get_config("demo")
-    b, n = 2, config.instances_per_image
-    config.batch_size = b
-    params = _random_params(FAST, 2)
-    e, low = FAST.embedding_size, FAST.low_res_size
-    rng = np.random.default_rng(0)
-    xy = rng.uniform(0, 150, (b, n, 2)).astype(np.float32)
-    batch = {
-        "prompt_boxes": np.concatenate([xy, xy + 80], -1),
-        "amodal_masks": rng.random((b, n, low, low)) > 0.5,
-        "visible_masks": rng.random((b, n, low, low)) > 0.7,
-        "valid": np.ones((b, n), bool),
-        "embedding": rng.standard_normal((b, e, e, FAST.embed_dim)).astype(np.float32),
+def test_the_cases_take_the_fast_paths_they_name():
+    """The contract above covers the factored upscale and the prompt chunks: its cases take
+    them (and `factored_upscale=False` turns the factoring off)."""
+    assert {case: _fast_paths(case) for case in CASES} == {
+        "boxes-in-chunks": (True, (1, 4)),
+        "train-step": (False, (2, 4)),
+        "one-point-single-mask": (True, (1, 3)),
+        "five-points": (False, (1, 2)),
     }
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    trainable = optimizer.trainable_labels(params, config.trainable)
-    tx = optimizer.make_optimizer(config, trainable)
-    schedule = optimizer.learning_rate_schedule(config)
-    results = []
-    for model_cfg in (FAST, REFERENCE):
-        step = make_train_step(EfficientSam(model_cfg), config, trainable, tx, schedule, mesh)
-        state = TrainState.create(jax.tree.map(jnp.copy, params), tx, 0)
-        results.append(step(state, batch))
-    (fast_state, fast_metrics), (ref_state, ref_metrics) = results
-    _assert_close(fast_metrics, ref_metrics, 1e-4, "metric ")
-    _assert_close(fast_state.params, ref_state.params, 1e-4, "updated parameter ")
+    assert _fast_paths("boxes-in-chunks", factored_upscale=False) == (False, (1, 4))
 
 
 @pytest.fixture(scope="module")
 def attention_and_params():
-    """The reference attention's parameters, with random biases too (they start at zero)."""
+    """The reference attention's parameters drawn at random, biases included."""
     x = jnp.zeros((1, T, D))
-    p = reference.Attention(C, H).init(jax.random.key(0), x, x, x)
-    leaves, tree = jax.tree_util.tree_flatten(p)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    p = jax.tree_util.tree_unflatten(tree, [
-        x + 0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)])
+    shapes = jax.eval_shape(lambda: reference.Attention(C, H).init(jax.random.key(0), x, x, x))
+    rng = np.random.default_rng(0)
+    p = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype), shapes)
     return fast.Attention(D, C, H), p
 
 
@@ -246,8 +272,9 @@ def test_tokens_to_image_is_reference_attention(attention_and_params, shared):
     tokens = _normal(1, (2, Q, T, D))
     image = _normal(2, (2, 1 if shared else Q, S, D))
     values = _normal(3, image.shape)
-    got = attn.apply(params, tokens, image, values, method=fast.Attention.tokens_to_image)
-    want = reference.Attention(C, H).apply(params, tokens, image, values)
+    got, want = _jit(lambda *x: (
+        attn.apply(params, *x, method=fast.Attention.tokens_to_image),
+        reference.Attention(C, H).apply(params, *x)))(tokens, image, values)
     assert got.shape == (2, Q, T, D)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
 
@@ -259,11 +286,12 @@ def test_image_to_tokens_is_reference_attention_over_copied_keys(attention_and_p
     image = _normal(1, (2, 1 if shared else Q, S, D))
     tokens = _normal(2, (2, Q, T, D))
     values = _normal(3, tokens.shape)
-    weighted = attn.apply(params, image, tokens, values, jnp.array([0.0, 0.0, np.log(4.0)]),
-                          method=fast.Attention.image_to_tokens)
     copies = [jnp.concatenate([x, jnp.repeat(x[..., -1:, :], 3, axis=-2)], axis=-2)
               for x in (tokens, values)]
-    want = reference.Attention(C, H).apply(params, image, *copies)
+    weighted, want = _jit(lambda image, tokens, values, copies: (
+        attn.apply(params, image, tokens, values, jnp.array([0.0, 0.0, np.log(4.0)]),
+                   method=fast.Attention.image_to_tokens),
+        reference.Attention(C, H).apply(params, image, *copies)))(image, tokens, values, copies)
     assert weighted.shape == (2, Q, S, D)
     np.testing.assert_allclose(weighted, want, rtol=1e-5, atol=2e-5)
 
@@ -301,31 +329,32 @@ def test_low_rank_tokens_follow_the_dense_tokens():
             x = _layer_norm(x, a["gamma"][i], a["beta"][i])
         return f.linear(a["kernel"], a["bias"]).dense()
 
-    want, got = jax.jit(dense)(args), jax.jit(factored)(args)
+    def value_and_grad(fn):
+        def loss(a):
+            y = fn(a)
+            return jnp.mean(jnp.sin(y)), y
+
+        return _jit(jax.value_and_grad(loss, has_aux=True))(args)
+
+    (_, got), got_grads = value_and_grad(factored)
+    (_, want), want_grads = value_and_grad(dense)
     assert got.shape == (2, Q, S, 3 * D)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-
-    def loss(fn):
-        return jax.jit(jax.grad(lambda a: jnp.mean(jnp.sin(fn(a)))))(args)
-
     jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-6),
-                           loss(factored), loss(dense))
+                           got_grads, want_grads)
 
 
 def test_rows_times_kernel_has_the_gradients_of_the_plain_product():
     """The upscaling's products take their kernel gradient in a hand-written form (custom
     VJP); value and both gradients must be those of `x @ kernel`."""
-    kx, kw, kd = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (300, 24))
-    kernel = jax.random.normal(kw, (24, 40))
-    dy = jax.random.normal(kd, (300, 40))
+    x, kernel, dy = _normal(1, (300, 24)), _normal(2, (24, 40)), _normal(3, (300, 40))
 
     def loss(f):
         return lambda x, k: jnp.sum(f(x, k) * dy)
 
     np.testing.assert_allclose(rows_times_kernel(x, kernel), x @ kernel, rtol=1e-6, atol=1e-5)
-    got = jax.grad(loss(rows_times_kernel), argnums=(0, 1))(x, kernel)
-    want = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, kernel)
+    got = _jit(jax.grad(loss(rows_times_kernel), argnums=(0, 1)))(x, kernel)
+    want = _jit(jax.grad(loss(jnp.matmul), argnums=(0, 1)))(x, kernel)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)

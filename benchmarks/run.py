@@ -1,6 +1,7 @@
 """Speed of sameo-jax, each time set against its FLOP floor measured in the same run.
 
     python benchmarks/run.py [--quick] [--json OUT.json] [--repeats 5] [--variant tiny]
+                             [--rows PATTERN ...] [--products [--detail N]]
     python benchmarks/run.py --pipeline [--json OUT.json]   # input-pipeline rows instead
 
 Rows: image encoder (ViT-T, ViT-S) at 1024x1024; prompt encoder + mask decoder for 1, 16 and
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import functools
 import json
 import pathlib
@@ -38,8 +40,7 @@ from sameo_jax.models.config import kept_memory_config
 from sameo_jax.models.efficient_sam import EfficientSam, model_config, param_shapes
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # for configs/
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # for products.py
-from products import ProductTimer, hlo_products  # noqa: E402
+TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"  # products.py, with --products
 
 IMAGE_HW = (603, 1072)  # the reference image's size, for the upsample rows
 
@@ -98,11 +99,23 @@ def matmul_rate(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
 class Table:
     """Rows of (time, FLOPs, floor, product floor). The matmul rate is measured again right
     before each row is timed, so a load change on a shared machine moves both sides of the
-    ratio; the row's products are timed right after it (products.py)."""
+    ratio; with `products`, the row's dots and convolutions are timed right after it, each on
+    its own (tools/products.py)."""
 
-    def __init__(self, device: str, detail: int = 0):
-        self.device, self.rows, self.detail = device, [], detail
-        self.timer: ProductTimer | None = None
+    def __init__(self, device: str, detail: int = 0, products: bool = False,
+                 only: list[str] | None = None):
+        self.device, self.rows, self.detail, self.only = device, [], detail, only
+        self.products = None
+        if products or detail:
+            sys.path.insert(0, str(TOOLS))
+            import products as product_tools
+
+            self.products = product_tools
+        self.timer = None
+
+    def wants(self, name: str) -> bool:
+        """Whether the row `name` is measured (`--rows` patterns; all by default)."""
+        return not self.only or any(fnmatch.fnmatchcase(name, p) for p in self.only)
 
     def add(self, name: str, fn: Callable, args: tuple, flops: float, repeats: int,
             note: str = "", hlo: str | None = None) -> None:
@@ -114,9 +127,9 @@ class Table:
                "floor_seconds": floor, "matmul_gflops_per_s": rate / 1e9,
                "device": self.device, "note": note}
         products = None
-        if hlo is not None:
-            self.timer = self.timer or ProductTimer(rate, repeats)
-            products = hlo_products(hlo)
+        if hlo is not None and self.products:
+            self.timer = self.timer or self.products.ProductTimer(rate, repeats)
+            products = self.products.hlo_products(hlo)
             row["products_seconds"] = self.timer.floor(products)
         self.rows.append(row)
         ratio = seconds / floor if floor else float("nan")
@@ -140,6 +153,9 @@ def tuned(config, kept: bool):
 
 def bench_encoder(table: Table, variant: str, repeats: int, dtype: str = "float32",
                   kept: bool = False) -> None:
+    suffix = "" if dtype == "float32" else f"_{dtype}"
+    if not table.wants(f"encoder_{variant}{suffix}"):
+        return
     config = tuned(model_config(variant, dtype=dtype), kept)
     model = EfficientSam(config)
     params = random_params(config)
@@ -150,7 +166,6 @@ def bench_encoder(table: Table, variant: str, repeats: int, dtype: str = "float3
     counted = EfficientSam(unchunked(config))
     flops = xla_flops(jax.jit(lambda p, x: counted.apply(
         {"params": p}, x, method=EfficientSam.encode)), (params, images))
-    suffix = "" if dtype == "float32" else f"_{dtype}"
     table.add(f"encoder_{variant}{suffix}", compiled, (params, images), flops, repeats,
               f"1x3x{s}x{s}", compiled.as_text())
 
@@ -183,6 +198,8 @@ def bench_decoder(table: Table, repeats: int, variant: str = "vitt") -> None:
         args = (params, emb, jnp.asarray(pts), jnp.asarray(lab))
         for name, fn in ((f"decoder_boxes_{q}", decode),
                          (f"decoder_boxes_{q}_upsampled", decode_upsampled)):
+            if not table.wants(name):
+                continue
             compiled = jax.jit(fn).lower(*args).compile()
             flops = xla_flops(jax.jit(functools.partial(fn, model=counted)), args)
             low = config.low_res_size
@@ -194,6 +211,8 @@ def bench_train_steps(table: Table, repeats: int, variant: str = "vitt",
                       kept: bool = False) -> None:
     """Decoder-only SAMEO step (the ViT-T training config, 2 images x `instances_per_image`
     boxes, on `variant`'s model) with and without cached embeddings."""
+    if not (table.wants("train_step_cached") or table.wants("train_step_encoder")):
+        return
     from configs import sameo as sameo_configs
     from sameo_jax.training.optimizer import (
         learning_rate_schedule,
@@ -229,6 +248,8 @@ def bench_train_steps(table: Table, repeats: int, variant: str = "vitt",
     cached = dict(batch, embedding=embedding)
     del cached["image"]
     for name, data in (("train_step_cached", cached), ("train_step_encoder", batch)):
+        if not table.wants(name):
+            continue
         # Fresh buffers: the step donates its state.
         state = TrainState.create(jax.tree_util.tree_map(jnp.copy, params), tx, 0)
         data = jax.tree_util.tree_map(jnp.asarray, data)
@@ -255,8 +276,12 @@ def main(argv: list[str] | None = None, keep_freed_memory: bool = False,
     parser.add_argument("--variant", default=None,
                         help="measure every row on this model variant only (e.g. 'tiny' to "
                              "check the script quickly); default: ViT-T, and ViT-S encoders")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="PATTERN",
+                        help="only the rows whose names match (shell patterns, e.g. 'decoder_*')")
+    parser.add_argument("--products", action="store_true",
+                        help="also time each row's dots and convolutions alone (tools/)")
     parser.add_argument("--detail", type=int, default=0, metavar="N",
-                        help="also print each row's N most expensive products (timed alone)")
+                        help="with --products: print each row's N most expensive products")
     parser.add_argument("--pipeline", action="store_true",
                         help="measure the input-pipeline rows (benchmarks/pipeline_rows.py)")
     parser.add_argument("--pipeline_rows", action="append", default=None,
@@ -283,14 +308,14 @@ def main(argv: list[str] | None = None, keep_freed_memory: bool = False,
         jax.config.update("jax_default_matmul_precision", "highest")
     print(f"device {device_name} x{jax.device_count()}; 'rate' is the f32 matmul GFLOP/s "
           "(best of 5) measured just before each row, 'floor' = work / rate, 'products' = "
-          "the call's dots and convolutions each timed alone (benchmarks/products.py)")
+          "the call's dots and convolutions each timed alone (--products)")
     print("host memory: " + ("freed blocks kept for reuse, and the encoder's attention in "
                              "the query chunks that pay there (kept_memory_config)" if reused
                              else f"malloc defaults ({OPT_OUT_VARIABLE}, "
                                   "sameo_jax/host_memory.py)"))
     print(f"{'name':<28} {'time':>13} {'work':>15} {'rate':>7} {'floor':>12} {'ratio':>8} "
           f"{'products':>12} {'ratio':>7}")
-    table = Table(device_name, args.detail)
+    table = Table(device_name, args.detail, args.products, args.rows)
     encoders = [variant] if args.quick or args.variant else [variant, "vits"]
     for name in encoders:
         bench_encoder(table, name, args.repeats, kept=reused)
@@ -301,11 +326,11 @@ def main(argv: list[str] | None = None, keep_freed_memory: bool = False,
     if not args.quick:
         bench_train_steps(table, args.repeats, variant, kept=reused)
     rows = {r["name"]: r for r in table.rows}
-    if "decoder_boxes_16" in rows:
+    if {"decoder_boxes_16", "decoder_boxes_64"} <= set(rows):
         per_box = ((rows["decoder_boxes_64"]["seconds"] - rows["decoder_boxes_16"]["seconds"])
                    / 48)
         print(f"decoder cost per extra box (16 -> 64): {per_box * 1e3:.1f} ms")
-    if "train_step_cached" in rows:
+    if {"train_step_cached", "train_step_encoder"} <= set(rows):
         speedup = rows["train_step_encoder"]["seconds"] / rows["train_step_cached"]["seconds"]
         print(f"train step speed-up from cached embeddings: {speedup:.1f}x")
     if args.json:

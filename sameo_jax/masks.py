@@ -37,11 +37,6 @@ class BadSegmentation(ValueError):
         self.detail = detail
 
 
-def logits_to_mask(logits: np.ndarray) -> np.ndarray:
-    """Logits of any shape -> bool mask (logit >= MASK_THRESHOLD)."""
-    return np.asarray(logits) >= MASK_THRESHOLD
-
-
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     """[H, W] bool -> COCO RLE dict with `counts` as str (JSON-ready)."""
     rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))

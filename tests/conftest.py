@@ -31,13 +31,12 @@ def reference_dir(shared_dir) -> pathlib.Path:
     return shared_dir / "reference"
 
 
-@pytest.fixture(scope="session")
-def benchmark_module():
-    """Imports a script of benchmarks/ by name (the folder is not a package)."""
+def _script_loader(folder_name: str):
+    """Imports a script of `folder_name`/ by name (the folder is not a package)."""
     import importlib
     import sys
 
-    folder = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+    folder = str(pathlib.Path(__file__).resolve().parents[1] / folder_name)
 
     def load(name: str):
         sys.path.insert(0, folder)
@@ -47,6 +46,16 @@ def benchmark_module():
             sys.path.remove(folder)
 
     return load
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    return _script_loader("benchmarks")
+
+
+@pytest.fixture(scope="session")
+def tool_module():
+    return _script_loader("tools")
 
 
 def random_params(config, seed=0):

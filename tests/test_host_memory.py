@@ -117,8 +117,8 @@ def test_kept_memory_config_enlarges_only_the_encoder_attention_chunks():
 
 
 def test_encoder_attention_chunks_do_not_change_the_embeddings():
-    """Query chunks are rows of independent softmaxes: any two chunk sizes give the same
-    embeddings bit for bit, and the unchunked program the same up to rounding."""
+    """Query chunks are rows of independent softmaxes: any chunk size gives the unchunked
+    embeddings up to float32 rounding (different programs may order sums differently)."""
     import jax
     import numpy as np
 
@@ -129,8 +129,8 @@ def test_encoder_attention_chunks_do_not_change_the_embeddings():
     out = {chunk: np.asarray(EfficientSam(model_config("tiny", encoder_attention_chunk=chunk))
                              .apply({"params": params}, images, method=EfficientSam.encode))
            for chunk in (0, 32, 128)}
-    np.testing.assert_array_equal(out[32], out[128])
-    np.testing.assert_allclose(out[128], out[0], rtol=0, atol=1e-5)
+    for chunk in (32, 128):
+        np.testing.assert_allclose(out[chunk], out[0], rtol=0, atol=1e-5)
 
 
 def test_train_py_takes_the_kept_memory_chunks_unless_the_config_names_one():

@@ -336,17 +336,6 @@ def curriculum_range(progress: float, start: tuple[float, float] = (0.05, 0.3),
     return (start[0] + t * (end[0] - start[0]), start[1] + t * (end[1] - start[1]))
 
 
-def occlusion_fraction(target: np.ndarray, occluder: np.ndarray, top: int, left: int) -> float:
-    """Fraction of `target` ([H, W] bool, image frame) covered by `occluder` ([h, w] bool)
-    pasted with its top-left corner at (top, left); the occluder must lie inside the image."""
-    h, w = occluder.shape
-    area = int(target.sum())
-    if area == 0:
-        return 0.0
-    covered = np.count_nonzero(target[top : top + h, left : left + w] & occluder)
-    return covered / area
-
-
 def place_occluder(
     target: np.ndarray,
     occluder: np.ndarray,

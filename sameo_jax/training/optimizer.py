@@ -20,11 +20,6 @@ Params = Any  # nested dict of arrays
 TRAINABLE, FROZEN = "trainable", "frozen"
 
 
-def param_paths(params: Params) -> list[str]:
-    """'/'-joined paths of every leaf, e.g. 'mask_decoder/iou_head/layers_0/kernel'."""
-    return ["/".join(k) for k in traverse_util.flatten_dict(params)]
-
-
 def trainable_labels(params: Params, patterns: Sequence[str]) -> Params:
     """Same tree as `params` with 'trainable' / 'frozen' leaves.
 

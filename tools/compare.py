@@ -1,6 +1,6 @@
 """Side-by-side speed of two (or more) revisions of sameo-jax on this machine.
 
-    python benchmarks/compare.py REV_A REV_B [--rows decoder_boxes_16 train_step_cached]
+    python tools/compare.py REV_A REV_B [--rows decoder_boxes_16 train_step_cached]
                                  [--rounds 12] [--variant vitt] [--default-malloc N ...]
                                  [--set N FIELD=VALUE ...]
 

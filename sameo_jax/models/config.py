@@ -7,6 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+DECODER_IMPLS = ("fast", "reference")
+
 
 @dataclasses.dataclass(frozen=True)
 class EfficientSamConfig:
@@ -28,19 +30,19 @@ class EfficientSamConfig:
     iou_head_hidden: int = 256
     max_num_points: int = 6
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    # Encoder attention runs this many queries at a time (0: all at once). Same result;
-    # on CPU chunks of 256 keep the logits in cache (configs' *_cpu variants: bigger ones).
+    # Encoder attention queries per chunk (0: all at once): same result, logits stay in cache.
     encoder_attention_chunk: int = 256
-    # The mask decoder runs this many prompts of an image at a time (0: all at once). Same
-    # result; each prompt has its own 4096 x 256 image tokens from the first layer on, and
-    # on CPU a few prompts' worth stays in cache (about 1.3x faster for 16 prompts).
+    # Mask decoder: "fast" (models/fast/) or "reference" (the paper's form); same parameters.
+    decoder_impl: str = "fast"
+    # Fast decoder: prompts of an image per chunk (0: all at once), so their tokens stay in cache.
     decoder_prompt_chunk: int = 4
-    # The first transposed convolution of the mask decoder reads the image tokens in their
-    # factored form (shared map + per-prompt low-rank sum, models/low_rank.py) when an image
-    # has enough prompts for that to be less work (3 or more boxes). Same result; 3/4 of
-    # the convolution's work at 4 boxes per decoder call. The train step switches it off
-    # (its backward costs more than the forward saves; training/step.py).
+    # Fast decoder: first upscale on factored tokens when that is less work (not in training).
     factored_upscale: bool = True
+
+    def __post_init__(self):
+        if self.decoder_impl not in DECODER_IMPLS:
+            raise ValueError(f"EfficientSamConfig.decoder_impl={self.decoder_impl!r}; expected "
+                             f"one of {DECODER_IMPLS}")
 
     @property
     def embedding_size(self) -> int:
@@ -57,11 +59,11 @@ class EfficientSamConfig:
         return jnp.dtype(self.dtype)
 
     def structure(self) -> EfficientSamConfig:
-        """The config with compute-only fields (dtype, chunking) at their defaults: two
-        configs with equal structure have interchangeable parameters."""
+        """The config with compute-only fields (dtype, chunking, decoder implementation) at
+        their defaults: two configs with equal structure have interchangeable parameters."""
         defaults = {f.name: f.default for f in dataclasses.fields(EfficientSamConfig)}
         return dataclasses.replace(
-            self, **{k: defaults[k] for k in ("dtype", "encoder_attention_chunk",
+            self, **{k: defaults[k] for k in ("dtype", "encoder_attention_chunk", "decoder_impl",
                                                 "decoder_prompt_chunk", "factored_upscale")})
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,6 +7,9 @@ Any detector's COCO results as prompts:
       --detections detector.json --json metrics.json
 Score an existing segmentation results file, no model:
   python evaluate.py --split kins --data_dir DIR --results results.json
+Occlusion order too (visible masks from the EfficientSAM decoder the workdir started from,
+or from the results' `visible_segmentation`):
+  python evaluate.py --split demo --checkpoint workdir_sameo --order
 
 A model run writes two COCO results files to --out_dir: the detector score alone
 (`*_det.json`) and the refined score det_score * predicted IoU (`*_refined.json`), and prints
@@ -60,6 +63,13 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "",
                                    "HOST:PORT of process 0 (empty: cluster auto-detection).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_ORDER = flags.DEFINE_bool("order", False,
+                           "Also score pairwise occlusion order against the area and y-axis "
+                           "baselines (needs visible masks).")
+_VISIBLE_CHECKPOINT = flags.DEFINE_string(
+    "visible_checkpoint", None,
+    "With --order: the checkpoint whose decoder gives visible masks (default: the "
+    "init_checkpoint the --checkpoint workdir was trained from).")
 
 
 def options_from_flags() -> EvalOptions:
@@ -72,6 +82,7 @@ def options_from_flags() -> EvalOptions:
         class_agnostic=_CLASS_AGNOSTIC.value, json=_JSON.value, visualize=_VISUALIZE.value,
         out_dir=_OUT_DIR.value, overwrite=_OVERWRITE.value, max_images=_MAX_IMAGES.value,
         max_dets_per_image=_MAX_DETS.value, batch_size=_BATCH_SIZE.value,
+        order=_ORDER.value, visible_checkpoint=_VISIBLE_CHECKPOINT.value,
     )
 
 
@@ -84,9 +95,18 @@ def main(argv: list[str]) -> None:
         if _DISTRIBUTED.value:
             distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         evaluate(options_from_flags())
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        sys.exit(f"error: {exc}")
+    except (ValueError, OSError) as exc:  # bad inputs, unreadable or existing files
+        sys.exit("error: " + " ".join(str(exc).split()))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag as one `error:` line (exit status 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,5 +1,9 @@
 r"""Train SAMEO. All logic lives in `sameo_jax.training.loop.train_and_evaluate`.
 
+Config variants (configs/sameo.py:VARIANT): demo (tiny model from scratch on the procedural
+scenes, a few minutes on a CPU); vitt, vits (EfficientSAM ViT-T / ViT-S from official weights,
+only the mask decoder trains).
+
   python train.py --config configs/sameo.py:demo --workdir workdir_demo
   python train.py --config configs/sameo.py:vitt --workdir DIR --config.init_checkpoint=PATH
   python train.py --config configs/sameo.py:demo --workdir DIR --config.lr=1e-4
@@ -14,12 +18,16 @@ processes). A misspelt --config.key is an error. vitt/vits need --config.init_ch
 from __future__ import annotations
 
 import logging as std_logging
+import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sameo_jax.evaluation.evaluator import SPLITS
 from sameo_jax.host_memory import reuse_freed_host_memory
 from sameo_jax.models.config import kept_memory_config
+from sameo_jax.training.checkpointing import CHECKPOINT_SUBDIR
 from sameo_jax.training.loop import build_model_config, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -57,9 +65,24 @@ def main(argv: list[str]) -> None:
         # Before JAX starts: no page faults per step (CPU only; False where not applied).
         if config.get("keep_freed_host_memory", False) and reuse_freed_host_memory():
             use_kept_memory_chunks(config)
-        train_and_evaluate(config, _WORKDIR.value)
+        state = train_and_evaluate(config, _WORKDIR.value)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
+    if jax.process_index() == 0:
+        print(next_steps(config, _WORKDIR.value, int(state.step)))
+
+
+def next_steps(config, workdir: str, step: int) -> str:
+    """Where the checkpoint is, and the evaluate.py / predict.py commands that use it."""
+    name = next((s for s in config.data.sources if s in SPLITS), "demo")
+    data_dir = f" --data_dir {config.data.data_dir}" if config.data.data_dir else ""
+    return "\n".join([
+        f"checkpoint: {os.path.join(workdir, CHECKPOINT_SUBDIR)} (step {step})",
+        "next:",
+        f"  python evaluate.py --split {name}{data_dir} --checkpoint {workdir} --visualize 8",
+        f"  python predict.py --checkpoint {workdir} --image IMAGE --prompts PROMPTS.json "
+        "--overlay out.png",
+    ])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Speed of sameo-jax, each time set against its FLOP floor measured in the same run.
 
     python benchmarks/run.py [--quick] [--json OUT.json] [--repeats 5] [--variant tiny]
+    python benchmarks/run.py --pipeline [--json OUT.json]   # input-pipeline rows instead
 
 Rows: image encoder (ViT-T, ViT-S) at 1024x1024; prompt encoder + mask decoder for 1, 16 and
 64 boxes, low-res only and with the bicubic upsample to a 603x1072 image; one decoder-only
@@ -10,7 +11,8 @@ analysis of the compiled call; the floor is FLOPs / the matmul rate measured rig
 each row in the same run, so the ratio `x floor` is comparable across noisy machines.
 `--quick` measures ViT-T and the decoder only; `--variant` runs every row on one model variant
 (the tests check the script on 'tiny'). Weights are random: timings do not depend on their
-values.
+values. `--pipeline` measures the rows of benchmarks/pipeline_rows.py (data building and
+input pipeline, on data the benchmark generates) instead.
 """
 
 from __future__ import annotations
@@ -255,7 +257,23 @@ def main(argv: list[str] | None = None, keep_freed_memory: bool = False,
                              "check the script quickly); default: ViT-T, and ViT-S encoders")
     parser.add_argument("--detail", type=int, default=0, metavar="N",
                         help="also print each row's N most expensive products (timed alone)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="measure the input-pipeline rows (benchmarks/pipeline_rows.py)")
+    parser.add_argument("--pipeline_rows", action="append", default=None,
+                        help="with --pipeline: only this row (repeatable)")
+    parser.add_argument("--pipeline_images", type=int, default=200,
+                        help="with --pipeline: source images to generate")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="with --pipeline: worker processes (default: all cores)")
     args = parser.parse_args(argv)
+    if args.pipeline:
+        from pipeline_rows import run as run_pipeline_rows
+
+        rows = run_pipeline_rows(args.pipeline_rows, images=args.pipeline_images,
+                                 workers=args.workers)
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+        return rows
     variant = args.variant or "vitt"
 
     reused = keep_freed_memory and reuse_freed_host_memory()  # before JAX starts; CPU only

@@ -24,6 +24,7 @@ from etils import epath
 
 from datasets import features as features_lib
 from sameo_jax import boxes as boxes_lib
+from sameo_jax import image_io
 from sameo_jax import masks as masks_lib
 from sameo_jax.data import cleaning
 
@@ -43,6 +44,7 @@ class RawInstance:
     occlusion_rate: float | None = None  # None: computed from the masks
     amodal_bbox_xywh: Sequence[float] | None = None  # None: derived from the amodal mask
     visible_bbox_xywh: Sequence[float] | None = None  # None: derived from the visible mask
+    order: int = 0  # the release's depth rank (1 = front); 0: the release gives none
 
 
 @dataclasses.dataclass
@@ -56,7 +58,11 @@ class RawImage:
 
 @dataclasses.dataclass
 class BuildStats:
-    """What a split build read, skipped, removed and wrote."""
+    """What a split build read, skipped (by reason), removed and wrote.
+
+    Every instance read ends up in exactly one of: in skipped images, bad mask, bad entry
+    (`instances_skipped`), removed by a rule, kept.
+    """
 
     images: int = 0
     images_written: int = 0
@@ -64,15 +70,35 @@ class BuildStats:
     instances: int = 0
     instances_in_skipped_images: int = 0
     instances_bad_mask: int = 0
+    bad_masks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    instances_skipped: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter)
     removed: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     kept: int = 0
     kept_occluded: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
 
+    def skip_image(self, reason: str, instances: int, where: str, detail: str) -> None:
+        """Counts (and warns about) an image read and skipped with its `instances`."""
+        log.warning("%s: %s; image skipped", where, detail)
+        self.images += 1
+        self.images_skipped[reason] += 1
+        self.count_in_skipped_image(instances)
+
+    def count_in_skipped_image(self, instances: int) -> None:
+        self.instances += instances
+        self.instances_in_skipped_images += instances
+
+    def skip_instances(self, reason: str, n: int, where: str, detail: str) -> None:
+        """Counts (and warns about) `n` instances read and skipped for a bad entry."""
+        log.warning("%s: %s; skipped", where, detail)
+        self.instances += n
+        self.instances_skipped[reason] += n
+
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["images_skipped"] = dict(self.images_skipped)
-        d["removed"] = dict(self.removed)
+        for key in ("images_skipped", "bad_masks", "instances_skipped", "removed"):
+            d[key] = dict(getattr(self, key))
         return d
 
     def lines(self) -> list[str]:
@@ -82,6 +108,8 @@ class BuildStats:
             f"instances read: {self.instances}",
             f"  in skipped images: {self.instances_in_skipped_images}",
             f"  skipped (bad mask): {self.instances_bad_mask}",
+            *(f"    {k}: {v}" for k, v in sorted(self.bad_masks.items())),
+            *(f"  skipped ({k}): {v}" for k, v in sorted(self.instances_skipped.items())),
             *(f"  removed by rule '{k}': {v}" for k, v in self.removed.items()),
             f"  kept: {self.kept} (occluded: {self.kept_occluded})",
             *(f"note: {n}" for n in self.notes),
@@ -97,20 +125,18 @@ def _as_polygons(seg: Any) -> Any:
 
 
 def decode_instance(inst: RawInstance, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """-> (amodal, visible) [H, W] bool. Raises ValueError for undecodable segmentations."""
-    try:
-        amodal = masks_lib.decode_segmentation(_as_polygons(inst.amodal_seg), height, width)
-        if inst.visible_seg is not None:
-            visible = masks_lib.decode_segmentation(_as_polygons(inst.visible_seg), height, width)
-        elif inst.invisible_seg is not None:
-            invisible = masks_lib.decode_segmentation(
-                _as_polygons(inst.invisible_seg), height, width
-            )
-            visible = amodal & ~invisible
-        else:
-            visible = amodal.copy()
-    except (TypeError, KeyError, IndexError, AttributeError) as e:
-        raise ValueError(f"malformed segmentation ({type(e).__name__}: {e})") from e
+    """-> (amodal, visible) [H, W] bool. Raises masks.BadSegmentation (with a `reason`) for
+    segmentations that cannot be decoded safely (see `sameo_jax.masks`)."""
+    amodal = masks_lib.decode_segmentation(_as_polygons(inst.amodal_seg), height, width)
+    if inst.visible_seg is not None:
+        visible = masks_lib.decode_segmentation(_as_polygons(inst.visible_seg), height, width)
+    elif inst.invisible_seg is not None:
+        invisible = masks_lib.decode_segmentation(
+            _as_polygons(inst.invisible_seg), height, width
+        )
+        visible = amodal & ~invisible
+    else:
+        visible = amodal.copy()
     return amodal, visible
 
 
@@ -129,13 +155,14 @@ def convert_image(
     """
     where = f"image {raw.image_id} ({raw.file_name})"
     try:
-        image, height, width = features_lib.read_image_bytes(image_bytes)
-    except (OSError, ValueError) as e:
-        log.warning("%s: unreadable image (%s); skipped", where, e)
-        stats.images_skipped["corrupt_image"] += 1
+        image, height, width = features_lib.read_image_bytes(image_bytes, where)
+    except image_io.ImageError as e:
+        log.warning("%s; skipped", e)
+        stats.images_skipped[e.reason] += 1
         stats.instances_in_skipped_images += len(raw.instances)
         return None
-    if raw.height is not None and (raw.height, raw.width) != (height, width):
+    if (raw.height is not None and raw.height != height) or (
+            raw.width is not None and raw.width != width):
         log.warning(
             "%s: annotation says %sx%s but the file is %sx%s (HxW); skipped",
             where, raw.height, raw.width, height, width,
@@ -149,9 +176,10 @@ def convert_image(
         try:
             decoded.append(decode_instance(inst, height, width))
             used.append(inst)
-        except ValueError as e:
+        except masks_lib.BadSegmentation as e:
             log.warning("%s: instance %d: %s; skipped", where, k, e)
             stats.instances_bad_mask += 1
+            stats.bad_masks[e.reason] += 1
     n = len(used)
     amodal = np.stack([a for a, _ in decoded]) if n else np.zeros((0, height, width), bool)
     visible = np.stack([v for _, v in decoded]) if n else np.zeros((0, height, width), bool)
@@ -195,6 +223,7 @@ def convert_image(
         visible_bbox=np.stack(visible_boxes),
         category_id=np.array([used[i].category_id for i in idx], np.int64),
         occlusion_rate=occlusion[idx],
+        order=np.array([used[i].order for i in idx], np.int64),
     )
 
 
@@ -217,14 +246,16 @@ def schema_to_tfds(example: dict[str, Any], stats: BuildStats) -> dict[str, Any]
         visible_bbox=obj["visible_bbox"],
         category_id=obj["category_id"],
         occlusion_rate=obj["occlusion_rate"],
+        order=obj.get("order"),
     )
 
 
 class AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base for release builders. Subclasses set the class constants and `read_split`."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "objects/order: the release's depth rank (1 = front, 0 = none)."}
     SOURCE: str = ""  # value of the `source` feature
     DOWNLOAD_PAGE: str = ""
     SPLIT_FILES: dict[str, Sequence[str]] = {}  # split -> annotation files in manual_dir
@@ -292,29 +323,45 @@ class AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                         f"(see datasets/{self.name}/README.md)"
                     )
 
-    def read_split(self, split: str, manual_dir: pathlib.Path) -> list[RawImage]:
+    def read_split(self, split: str, manual_dir: pathlib.Path, stats: BuildStats
+                   ) -> list[RawImage]:
+        """The split's images; entries skipped while reading are counted in `stats`."""
         raise NotImplementedError
 
     # --- TFDS hooks ----------------------------------------------------------------------
+
+    def feature_spec(self) -> tfds.features.FeaturesDict:
+        """The features this builder writes (the shared schema; a builder may add some)."""
+        return features_lib.features()
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
             description=(self.__doc__ or "").strip(),
-            features=features_lib.features(),
+            features=self.feature_spec(),
             homepage=self.DOWNLOAD_PAGE or None,
             metadata=tfds.core.MetadataDict(),
         )
 
     def _raw_split(self, split: str, manual_dir: pathlib.Path) -> list[RawImage]:
         if split not in self._raw:
-            self._raw[split] = self.read_split(split, manual_dir)
+            self.stats[split] = BuildStats()
+            self._raw[split] = self.read_split(split, manual_dir, self.stats[split])
         return self._raw[split]
 
     def find_image(self, split: str, manual_dir: pathlib.Path, file_name: str) -> pathlib.Path:
-        """First existing `manual_dir/<image dir>/file_name` (the first candidate if none)."""
-        candidates = [manual_dir / d / file_name for d in self.IMAGE_DIRS.get(split, ("",))]
+        """First existing `manual_dir/<image dir>/file_name` (the first candidate if none).
+        Raises image_io.ImageError (path_outside_folder) when the name leads out of an image
+        folder (absolute, '..', a symlink out); the folders themselves may be links."""
+        candidates = [image_io.path_inside(manual_dir / d, file_name)
+                      for d in self.IMAGE_DIRS.get(split, ("",))]
         return next((p for p in candidates if p.is_file()), candidates[0])
+
+    def _has_image(self, split: str, manual_dir: pathlib.Path, file_name: str) -> bool:
+        try:
+            return self.find_image(split, manual_dir, file_name).is_file()
+        except image_io.ImageError:
+            return False
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = pathlib.Path(dl_manager.manual_dir)
@@ -323,7 +370,7 @@ class AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for split in self.selected_splits():
             raws = self._raw_split(split, manual_dir)
             if raws and not any(
-                self.find_image(split, manual_dir, r.file_name).is_file() for r in raws[:20]
+                self._has_image(split, manual_dir, r.file_name) for r in raws[:20]
             ):
                 dirs = [str(manual_dir / d) for d in self.IMAGE_DIRS.get(split, ("",))]
                 raise FileNotFoundError(
@@ -336,11 +383,12 @@ class AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split: str, manual_dir: pathlib.Path) -> Iterator[tuple]:
         raws = self._raw_split(split, manual_dir)
-        stats = self.stats[split] = BuildStats()
+        stats = self.stats[split]
+        listed = len(raws) + stats.images  # stats hold only the entries skipped while reading
         expected = self.SPLIT_SIZES.get(split)
-        if expected is not None and len(raws) != expected:
+        if expected is not None and listed != expected:
             msg = (
-                f"{self.name} split {split!r}: the annotation files list {len(raws)} images, "
+                f"{self.name} split {split!r}: the annotation files list {listed} images, "
                 f"the full release has {expected}"
             )
             if self._strict_sizes:
@@ -351,12 +399,12 @@ class AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for i, raw in enumerate(raws):
             stats.images += 1
             stats.instances += len(raw.instances)
-            path = self.find_image(split, manual_dir, raw.file_name)
             try:
-                data = path.read_bytes()
-            except OSError as e:
-                log.warning("image %s (%s): %s; skipped", raw.image_id, path, e)
-                stats.images_skipped["missing_image"] += 1
+                data = image_io.read_file_bytes(
+                    self.find_image(split, manual_dir, raw.file_name))
+            except image_io.ImageError as e:
+                log.warning("image %s: %s; skipped", raw.image_id, e)
+                stats.images_skipped[e.reason] += 1
                 stats.instances_in_skipped_images += len(raw.instances)
                 continue
             example = convert_image(

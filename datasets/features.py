@@ -4,6 +4,8 @@ Images and masks are stored as encoded bytes (`tfds.features.Image` passes bytes
 unchanged and decodes them with PIL), so building and reading need no TensorFlow:
   image          JPEG/PNG bytes of the RGB image (original file bytes when already RGB)
   objects/amodal_mask, objects/visible_mask   1-bit PNG per instance ([H, W, 1] uint8 0/1)
+  objects/order  the release's depth rank of each instance (1 = front, larger = further
+                 back; 0 = the release gives none)
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+
+from sameo_jax import image_io
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -32,6 +36,7 @@ def features() -> tfds.features.FeaturesDict:
                     "visible_bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
                     "category_id": np.int64,
                     "occlusion_rate": np.float32,
+                    "order": np.int64,
                 }
             ),
         }
@@ -52,19 +57,16 @@ def encode_image(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def read_image_bytes(data: bytes) -> tuple[bytes, int, int]:
+def read_image_bytes(data: bytes, name: str = "image") -> tuple[bytes, int, int]:
     """Validates encoded image bytes; returns (bytes to store, height, width).
 
-    JPEG/PNG files that are already RGB are stored as they are (no recompression); anything
-    else (grey, CMYK, palette, other formats) is converted to RGB and stored as PNG.
-    Raises OSError (PIL's error types) for unreadable or truncated files.
+    8-bit RGB JPEG/PNG files shown as stored are kept as they are (no recompression); anything
+    else (grey, 16-bit, palette, CMYK, alpha, EXIF-turned, other formats) becomes RGB through
+    `sameo_jax.image_io` and is stored as PNG. Raises image_io.ImageError (with a `reason`).
     """
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        width, height = img.size
-        if img.format in ("JPEG", "PNG") and img.mode == "RGB":
-            return data, height, width
-        return encode_image(np.asarray(img.convert("RGB"))), height, width
+    rgb, plain = image_io.decode(data, name)
+    height, width = rgb.shape[:2]
+    return (data if plain else encode_image(rgb)), height, width
 
 
 def make_example(
@@ -77,18 +79,24 @@ def make_example(
     visible_bbox: np.ndarray,
     category_id: np.ndarray,
     occlusion_rate: np.ndarray,
+    order: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Schema example ready for TFDS: masks [N, H, W] bool, boxes [N, 4] xyxy float32."""
+    """Schema example ready for TFDS: masks [N, H, W] bool (or a list of their encode_mask
+    bytes), boxes [N, 4] xyxy float32, order [N] int (None: all 0, unknown)."""
+    n = len(np.asarray(category_id).reshape(-1))
+    order = np.zeros(n, np.int64) if order is None else np.asarray(order, np.int64).reshape(-1)
     return {
         "image": image,
         "image_id": int(image_id),
         "source": source,
         "objects": {
-            "amodal_mask": [encode_mask(m) for m in amodal_masks],
-            "visible_mask": [encode_mask(m) for m in visible_masks],
+            "amodal_mask": [m if isinstance(m, bytes) else encode_mask(m) for m in amodal_masks],
+            "visible_mask": [m if isinstance(m, bytes) else encode_mask(m)
+                             for m in visible_masks],
             "amodal_bbox": np.asarray(amodal_bbox, np.float32).reshape(-1, 4),
             "visible_bbox": np.asarray(visible_bbox, np.float32).reshape(-1, 4),
             "category_id": np.asarray(category_id, np.int64).reshape(-1),
             "occlusion_rate": np.asarray(occlusion_rate, np.float32).reshape(-1),
+            "order": order,
         },
     }

@@ -12,14 +12,11 @@ Run `python -m sameo_jax.checkpoint INPUT OUTPUT_DIR [--variant vitt]` to conver
 from __future__ import annotations
 
 import argparse
-import collections
-import io
+import math
 import os
 import pathlib
-import pickle
 import re
-import zipfile
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -27,6 +24,9 @@ import numpy as np
 
 from sameo_jax.models.config import VARIANTS, EfficientSamConfig, model_config
 from sameo_jax.models.efficient_sam import param_shapes
+from sameo_jax.state_dict_file import CheckpointError as CheckpointError
+from sameo_jax.state_dict_file import UnsafeCheckpointError as UnsafeCheckpointError
+from sameo_jax.state_dict_file import open_state_dict, printable
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "model_config"
@@ -35,139 +35,22 @@ _ARRAY_ITEMS = (PARAMS_ITEM, "opt_state", "train")
 _JSON_ITEMS = (CONFIG_ITEM, "config", "data")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not fit the model."""
+# ----------------------------------------------------------------------------- reading
 
 
-class UnsafeCheckpointError(CheckpointError):
-    """A pickle that asks for something other than tensors and plain containers."""
-
-
-# ----------------------------------------------------------------------------- .pt reading
-
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
-}
-
-
-class _StorageType:
-    def __init__(self, name: str):
-        self.name = name
-        dtype = _STORAGE_DTYPES[name]
-        if dtype == "bfloat16":
-            import ml_dtypes
-
-            dtype = ml_dtypes.bfloat16
-        self.dtype = np.dtype(dtype)
-
-
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None,
-                    metadata=None):
-    itemsize = storage.dtype.itemsize
-    if len(size) == 0:
-        return storage[offset].copy()
-    view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride))
-    return np.array(view)
-
-
-def _rebuild_parameter(data, requires_grad=False, hooks=None, *extra):
-    return data
-
-
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
-}
-
-
-class _TensorOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that builds numpy arrays for tensors and refuses every other global."""
-
-    def __init__(self, data: bytes, read_record: Callable[[str], bytes], source: str):
-        super().__init__(io.BytesIO(data))
-        self._read_record = read_record
-        self._source = source
-        self._storages: dict[str, np.ndarray] = {}
-
-    def find_class(self, module: str, name: str):
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise UnsafeCheckpointError(
-                f"{self._source}: refusing to load '{module}.{name}' from the checkpoint; only "
-                "tensors and plain containers are accepted (the file may be malicious or not a "
-                "weights file)") from None
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
-            raise UnsafeCheckpointError(f"{self._source}: unexpected persistent id {pid!r}")
-        storage_type, key = pid[1], str(pid[2])
-        if key not in self._storages:
-            raw = self._read_record(f"data/{key}")
-            self._storages[key] = np.frombuffer(raw, dtype=storage_type.dtype.newbyteorder("<"))
-        return self._storages[key]
-
-
-def _open_torch_zip(data: bytes, source: str) -> dict[str, np.ndarray]:
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
-        raise CheckpointError(
-            f"{source}: not a zip archive; only the torch.save zip format (torch >= 1.6) is "
-            "supported") from None
-    names = archive.namelist()
-    pkl = [n for n in names if n.endswith("data.pkl")]
-    if not pkl:
-        inner = [n for n in names if n.endswith(".pt") or n.endswith(".pth")]
-        if len(inner) == 1:  # ViT-S is distributed as a zip holding the .pt
-            return _open_torch_zip(archive.read(inner[0]), f"{source}:{inner[0]}")
-        raise CheckpointError(f"{source}: no data.pkl (and no single .pt) inside the archive")
-    prefix = pkl[0][: -len("data.pkl")]
-    byteorder = prefix + "byteorder"
-    if byteorder in names and archive.read(byteorder).strip() != b"little":
-        raise CheckpointError(f"{source}: big-endian checkpoints are not supported")
-    unpickler = _TensorOnlyUnpickler(archive.read(pkl[0]),
-                                     lambda rec: archive.read(prefix + rec), source)
-    try:
-        obj = unpickler.load()
-    except CheckpointError:
-        raise
-    except Exception as exc:  # a truncated/corrupt pickle
-        raise CheckpointError(f"{source}: corrupt checkpoint pickle ({exc})") from None
-    return _state_dict_from(obj, source)
-
-
-def _state_dict_from(obj: Any, source: str) -> dict[str, np.ndarray]:
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
-        raise CheckpointError(f"{source}: expected {{'model': state_dict}} or a state_dict")
-    return dict(obj)
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_state_dict(path: str | os.PathLike, variant: str | None = None
+                    ) -> dict[str, np.ndarray]:
     """An official `.pt` (or `.pt.zip`) or `.npz` checkpoint -> {torch key: numpy array}.
 
-    Never executes code from the file.
+    Never executes code from the file. Every tensor is checked against its storage and, when
+    the variant is given or can be told from the file, against the model's shapes before its
+    data is read (see sameo_jax.state_dict_file).
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                return {k: npz[k] for k in npz.files}
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: cannot read .npz without pickles ({exc})") from None
-    return _open_torch_zip(path.read_bytes(), str(path))
+    with open_state_dict(path) as file:
+        name = _check_variant(file.tensors, variant, file.source)
+        if name is not None:
+            check_tensors(file.tensors, model_config(name), file.source)
+        return file.read()
 
 
 # ----------------------------------------------------------------------------- key mapping
@@ -239,10 +122,12 @@ def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
     return tree
 
 
-def infer_variant(state_dict: dict[str, np.ndarray]) -> str | None:
-    """'vitt' / 'vits' from the encoder width of an official state_dict, else None."""
+def infer_variant(state_dict: Mapping[str, Any]) -> str | None:
+    """'vitt' / 'vits' from the encoder width of an official state_dict, else None.
+
+    Values may be arrays or anything with a `.shape` (the tensors a file claims)."""
     w = state_dict.get("image_encoder.patch_embed.proj.weight")
-    if w is None:
+    if w is None or len(w.shape) == 0:
         return None
     for name in ("vitt", "vits"):
         if model_config(name).encoder_width == w.shape[0]:
@@ -250,37 +135,79 @@ def infer_variant(state_dict: dict[str, np.ndarray]) -> str | None:
     return None
 
 
-def convert_state_dict(state_dict: dict[str, np.ndarray], config: EfficientSamConfig,
-                       source: str = "checkpoint", variant: str | None = None
-                       ) -> dict[str, Any]:
-    """Official state_dict -> Flax params of `config` (float32 numpy arrays).
-
-    Raises CheckpointError naming the key for any missing, unexpected or mis-shaped entry.
-    """
+def _check_variant(state_dict: Mapping[str, Any], variant: str | None, source: str
+                   ) -> str | None:
+    """The asked variant, else the one the weights show; an error when they disagree."""
+    if variant is not None and variant not in VARIANTS:
+        raise CheckpointError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
     found = infer_variant(state_dict)
     if variant is not None and found is not None and found != variant:
         raise CheckpointError(
             f"{source}: this is a {_pretty(found)} checkpoint, you asked for {_pretty(variant)}")
+    return variant or found
+
+
+def _converted_shape(key: str, shape: tuple[int, ...], path: tuple[str, ...],
+                     want: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The Flax shape a torch shape becomes, without data; None when it cannot be `want`."""
+    if math.prod(shape) != math.prod(want):  # first, so the layout sees a bounded shape
+        return None
+    try:
+        return _to_flax_layout(key, np.broadcast_to(np.float32(0), shape), path).shape
+    except CheckpointError:
+        return None
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
+def check_tensors(tensors: Mapping[str, Any], config: EfficientSamConfig,
+                  source: str = "checkpoint") -> None:
+    """Checks the keys, shapes and dtypes of an official state_dict against `config`.
+
+    `tensors` maps torch keys to arrays or to anything with `.shape` and `.dtype`, so a file's
+    claims are checked before its data is read. Raises CheckpointError naming the key.
+    """
     expected = _flatten(param_shapes(config))
-    params: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected = []
-    for key, value in state_dict.items():
-        path = _flax_path(key)
-        if path not in expected:
-            unexpected.append(key)
-            continue
-        value = _to_flax_layout(key, np.asarray(value), path)
-        want = tuple(expected[path].shape)
-        if value.shape != want:
-            raise CheckpointError(
-                f"{source}: {key} has shape {tuple(state_dict[key].shape)}, which does not fit "
-                f"the model (expected {want} after conversion)")
-        params[path] = np.ascontiguousarray(value, dtype=np.float32)
+    paths = {key: _flax_path(key) for key in tensors}
+    unexpected = [printable(k) for k, path in paths.items() if path not in expected]
     if unexpected:
         raise CheckpointError(f"{source}: unexpected keys {_first_few(unexpected)}")
-    missing = [".".join(p) for p in expected if p not in params]
+    for key, value in tensors.items():
+        want = tuple(expected[paths[key]].shape)
+        shape = tuple(value.shape)
+        if not _is_float(np.dtype(value.dtype)):
+            raise CheckpointError(
+                f"{source}: {key} has dtype {value.dtype}; weights must be floating point")
+        if _converted_shape(key, shape, paths[key], want) != want:
+            raise CheckpointError(
+                f"{source}: {key} has shape {shape}, which does not fit the model (expected "
+                f"{want} after conversion)")
+    found = set(paths.values())
+    missing = [".".join(p) for p in expected if p not in found]
     if missing:
         raise CheckpointError(f"{source}: missing parameters {_first_few(missing)}")
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], config: EfficientSamConfig,
+                       source: str = "checkpoint", variant: str | None = None
+                       ) -> dict[str, Any]:
+    """Official state_dict -> Flax params of `config` (float32 numpy arrays).
+
+    Raises CheckpointError naming the key for any missing, unexpected, mis-shaped, non-float
+    or non-finite entry.
+    """
+    _check_variant(state_dict, variant, source)
+    arrays = {key: np.asarray(value) for key, value in state_dict.items()}
+    check_tensors(arrays, config, source)
+    params: dict[tuple[str, ...], np.ndarray] = {}
+    for key, value in arrays.items():
+        path = _flax_path(key)
+        value = np.ascontiguousarray(_to_flax_layout(key, value, path), dtype=np.float32)
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"{source}: {key} holds NaN or infinite values")
+        params[path] = value
     return _unflatten(params)
 
 
@@ -380,9 +307,8 @@ def load_model(path: str | os.PathLike, variant: str | None = None
         if _shapes(params) != _shapes(param_shapes(config)):
             raise CheckpointError(f"{path}: stored params do not match the stored model config")
         return config, params
-    state_dict = read_state_dict(path)
-    found = infer_variant(state_dict)
-    name = variant or found
+    state_dict = read_state_dict(path, variant)
+    name = _check_variant(state_dict, variant, str(path))
     if name is None:
         raise CheckpointError(f"{path}: cannot tell the model variant; pass --variant")
     config = model_config(name)
@@ -394,17 +320,71 @@ def load_params(path: str | os.PathLike, variant: str | None = None) -> dict[str
     return load_model(path, variant)[1]
 
 
+def _error(message: object) -> SystemExit:
+    """The one line a failed command ends with."""
+    return SystemExit("error: " + " ".join(str(message).split()))
+
+
+def _remove_partial(out: pathlib.Path, created: bool) -> None:
+    """Removes what a failed save wrote: `out` itself when it was new, else its new entries."""
+    import shutil
+
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+    elif out.is_dir():
+        for child in out.iterdir():
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+
+
+TRAINING_CONFIG_ITEM = "config"  # the training config a training step saves beside params
+
+
+def training_init_checkpoint(path: str | os.PathLike) -> str | None:
+    """The `init_checkpoint` a training workdir (or its `checkpoints` folder) started from,
+    as its latest step's training config records it; None for files, for directories
+    without a training config and for runs from random initialisation."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        return None
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    with ocp.CheckpointManager(directory.absolute()) as manager:
+        step = manager.latest_step()
+        if step is None or not (pathlib.Path(manager.directory) / str(step)
+                                / TRAINING_CONFIG_ITEM).exists():
+            return None
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{TRAINING_CONFIG_ITEM: ocp.args.JsonRestore()}))
+    config = restored[TRAINING_CONFIG_ITEM]
+    value = config.get("init_checkpoint") if isinstance(config, dict) else None
+    # 'random' is train.py's request for random initial weights, not a checkpoint.
+    return str(value) if isinstance(value, str) and value not in ("", "random") else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("input", help="official .pt / .pt.zip / .npz checkpoint")
     parser.add_argument("output", help="new directory for the orbax checkpoint")
     parser.add_argument("--variant", choices=("vitt", "vits"), default=None)
     args = parser.parse_args(argv)
+    out = pathlib.Path(args.output).absolute()
+    if out.exists() and not out.is_dir():
+        raise _error(f"{out} exists and is not a directory; choose a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise _error(f"{out} exists and is not empty; choose a new directory")
+    if not out.parent.is_dir():
+        raise _error(f"{out.parent}: no such directory to create {out.name} in")
     try:
         config, params = load_model(args.input, args.variant)
-        out = save_params(params, args.output, config)
-    except (CheckpointError, FileExistsError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except CheckpointError as exc:
+        raise _error(exc) from None
+    created = not out.exists()
+    try:
+        save_params(params, out, config)
+    except (OSError, ValueError, RuntimeError) as exc:
+        _remove_partial(out, created)
+        raise _error(f"{out}: cannot write the checkpoint ({exc})") from None
     n = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
     print(f"wrote {out} ({n:,} parameters)")
 

@@ -3,6 +3,7 @@
 import os
 import pathlib
 
+import numpy as np
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,3 +47,22 @@ def benchmark_module():
             sys.path.remove(folder)
 
     return load
+
+
+def random_params(config, seed=0):
+    """Random params of `config`'s shapes, drawn in numpy (faster than tracing the init)."""
+    import jax
+
+    from sameo_jax.checkpoint import param_shapes
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(path[-1])
+        if "scale" in name:
+            return np.ones(leaf.shape, leaf.dtype)
+        if "bias" in name:
+            return np.zeros(leaf.shape, leaf.dtype)
+        return (rng.standard_normal(leaf.shape) * 0.05).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))

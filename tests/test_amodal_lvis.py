@@ -3,15 +3,20 @@
 import dataclasses
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from datasets import build
 from sameo_jax.boxes import boxes_from_masks, xyxy_to_xywh
 from sameo_jax.data import amodal_lvis as al
+from sameo_jax.data import sources
 from sameo_jax.data.demo_scenes import DemoSource
 from sameo_jax.masks import encode_rle
+
+from .test_datasets_synthetic import _assert_same
 
 
 def _disk(h, w, cy, cx, r):
@@ -238,3 +243,219 @@ def test_curriculum_range_and_config_checks():
     assert al.curriculum_range(0.5) == pytest.approx((0.175, 0.5))
     with pytest.raises(ValueError, match="occlusion_range"):
         al.SynthesisConfig(occlusion_range=(0.0, 0.5))
+
+
+# ----------------------------------------------------------------------------- the build
+
+
+def _write_release(root, num_images, size=160, seed=4):
+    """COCO 2017 layout (annotations/instances_val2017.json + val2017/*.jpg) of unoccluded
+    demo scenes, modal masks as RLE. Returns (annotation file, image folder)."""
+    scenes = DemoSource(2 * num_images, image_size=size, seed=seed)
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    images, annotations = [], []
+    for n in range(num_images):
+        ex = scenes[2 * n + 1]  # the odd scenes are the unoccluded duals
+        name = f"{n + 1:012d}.jpg"
+        Image.fromarray(ex["image"]).save(root / "val2017" / name, quality=90)
+        images.append({"id": n + 1, "file_name": name, "height": size, "width": size})
+        for k, mask in enumerate(ex["objects"]["visible_mask"]):
+            annotations.append({"id": len(annotations) + 1, "image_id": n + 1,
+                                "category_id": int(ex["objects"]["category_id"][k]),
+                                "segmentation": encode_rle(mask), "iscrowd": 0})
+    path = root / "annotations" / "instances_val2017.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": c} for c in range(1, 9)]}))
+    return path, root / "val2017"
+
+
+def _build(manual, data, *flags):
+    assert build.main(["amodal_lvis/coco", "--manual_dir", str(manual), "--data_dir",
+                       str(data), "--split", "validation", *flags]) == 0
+    return sources.open_source("amodal_lvis/coco", "validation", str(data))
+
+
+def _by_id(source):
+    return {int(source[i]["image_id"]): source[i] for i in range(len(source))}
+
+
+def test_build_does_not_depend_on_the_worker_count(tmp_path, capsys):
+    """3 shards of 4, 3 and 2 images in one process and in two: the same examples, which are
+    those the in-memory synthesis makes with the same shards."""
+    ann, img = _write_release(tmp_path / "manual", 10)
+    one = _by_id(_build(tmp_path / "manual", tmp_path / "one", "--workers", "1",
+                        "--shard_size", "4"))
+    two = _by_id(_build(tmp_path / "manual", tmp_path / "two", "--workers", "2",
+                        "--shard_size", "4"))
+    assert "images read: 10" in capsys.readouterr().out
+    assert one.keys() == two.keys()
+    for key in one:
+        _assert_same(two[key], one[key])
+    config = al.SynthesisConfig(shard_size=4)
+    expected = list(al.synthesize_from_coco(ann, img, config=config))
+    assert sum(int(e["image_id"]) >= al.SYNTHETIC_ID_STRIDE for e in expected) >= 10
+    assert sorted(one) == sorted(int(e["image_id"]) for e in expected)
+    for ref in expected:
+        _assert_same(one[int(ref["image_id"])], ref)
+    _check_examples(expected, config)
+    # The shards are part of the recipe: one shard of all images draws other occluders.
+    whole = list(al.synthesize_from_coco(ann, img, config=al.SynthesisConfig(shard_size=10)))
+    assert any(not np.array_equal(a["image"], b["image"])
+               for a, b in zip(expected, whole, strict=True))
+
+
+def _records(data):
+    """The serialized records of a built split, in the order the source reads them."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    out = []
+    for path in sorted(data.rglob("*.array_record-*")):
+        reader = ArrayRecordReader(str(path))
+        out += reader.read_all()
+        reader.close()
+    return out
+
+
+def test_stored_form_keeps_the_source_file_and_composes_exactly(tmp_path):
+    """Each record holds its source JPEG's own bytes; the read-time composition is the
+    decoded JPEG with the occluder patch written under the occluder's mask, nothing else; the
+    records stay within the JPEG plus masks and one small patch."""
+    _, img = _write_release(tmp_path / "manual", 6)
+    built = _build(tmp_path / "manual", tmp_path / "data", "--workers", "1")
+    records = _records(tmp_path / "data")
+    assert len(records) == len(built) > 6
+    files = {int(p.stem): p.read_bytes() for p in img.iterdir()}
+    patched = 0
+    for i, record in enumerate(records):
+        example = built[i]
+        source_id = int(example["image_id"]) % al.SYNTHETIC_ID_STRIDE
+        assert files[source_id] in record  # stored as it was, not re-encoded
+        raw = built._source[i]  # the record decoded by TFDS, before composition
+        decoded = np.asarray(Image.open(img / f"{source_id:012d}.jpg"))
+        np.testing.assert_array_equal(raw["image"], decoded)
+        patches = al.stored_patches(raw["occluders"])
+        o = example["objects"]
+        if example["image_id"] < al.SYNTHETIC_ID_STRIDE:
+            assert patches == []
+            np.testing.assert_array_equal(example["image"], decoded)
+            continue
+        (patch,) = patches
+        occluder = o["amodal_mask"][-1]
+        np.testing.assert_array_equal(occluder, patch.full_mask(decoded.shape[:2]))
+        np.testing.assert_array_equal(example["image"][~occluder], decoded[~occluder])
+        h, w = patch.mask.shape
+        region = example["image"][patch.top : patch.top + h, patch.left : patch.left + w]
+        np.testing.assert_array_equal(region[patch.mask], patch.pixels[patch.mask])
+        assert not patch.pixels[~patch.mask].any()
+        patched += 1
+        # Bytes: the JPEG, 1-bit PNG masks (< 400 bytes each at 160 x 160: the objects' masks
+        # twice, the patch's once), the patch pixels as PNG (at most their raw size + 1 KB)
+        # and 1 KB for the other fields.
+        bound = (len(files[source_id]) + 400 * (2 * len(o["amodal_mask"]) + 1)
+                 + patch.pixels.size + 1024 + 1024)
+        assert len(record) <= bound
+    assert patched >= 6
+
+
+def test_completeness_by_model_checkpoint(tmp_path, capsys):
+    """--completeness_checkpoint: the complete objects are those whose predicted amodal mask
+    (tiny model, best of three) overlaps their modal mask at IoU >= --completeness_iou."""
+    import jax
+
+    from sameo_jax.checkpoint import save_params
+    from sameo_jax.masks import mask_iou
+    from sameo_jax.models.config import model_config
+    from sameo_jax.models.efficient_sam import param_shapes
+
+    ann, img = _write_release(tmp_path / "manual", 4)
+    config = model_config("tiny")
+    rng = np.random.default_rng(0)  # random weights: a model whose IoUs spread
+    params = jax.tree_util.tree_map(
+        lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32), param_shapes(config))
+    ckpt = save_params(params, tmp_path / "ckpt", config)
+    predict = build.CheckpointCompleteness(ckpt)
+    source = al.CocoInstanceSource(ann, img)
+    ious = []
+    for i in range(len(source)):
+        item = source[i]
+        ious += [mask_iou(predict(item.image, box), mask)
+                 for mask, box in zip(item.masks, boxes_from_masks(item.masks), strict=True)]
+    threshold = float(np.median(ious))
+    assert min(ious) < threshold <= max(ious)  # the rule keeps some objects, not all
+    expected_complete = sum(iou >= threshold for iou in ious)
+    config = al.SynthesisConfig(model_iou_threshold=threshold)
+    expected = list(al.synthesize(source, config=config, predict_amodal=predict))
+    built = _by_id(_build(tmp_path / "manual", tmp_path / "data", "--workers", "1",
+                          "--completeness_checkpoint", str(ckpt),
+                          "--completeness_iou", repr(threshold)))
+    assert f"complete: {expected_complete}," in capsys.readouterr().out
+    assert sorted(built) == sorted(int(e["image_id"]) for e in expected)
+    for ref in expected:
+        _assert_same(built[int(ref["image_id"])], ref)
+
+
+def test_build_option_errors(tmp_path, capsys):
+    _write_release(tmp_path / "manual", 2)
+    base = ["--manual_dir", str(tmp_path / "manual"), "--data_dir", str(tmp_path / "data")]
+    cases = [
+        (["amodal_lvis/coco", *base, "--completeness_checkpoint", str(tmp_path / "none")],
+         "none"),
+        (["amodal_lvis/coco", *base, "--completeness_iou", "0.5"], "--completeness_checkpoint"),
+        (["amodal_lvis/coco", *base, "--completeness_iou", "1.5"], "(0, 1]"),
+        (["amodal_lvis/coco", *base, "--workers", "0"], "--workers"),
+        (["amodal_lvis/coco", *base, "--beam_options=--x=1"], "--beam_runner"),
+        (["demo", "--data_dir", str(tmp_path / "data"), "--workers", "2"],
+         "only for amodal_lvis"),
+    ]
+    for argv, text in cases:
+        try:
+            code = build.main(argv)
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        assert text in err, (argv, err)
+    assert not (tmp_path / "data" / "amodal_lvis").exists()
+
+
+def test_read_time_composition_checks_patches():
+    image = np.zeros((20, 30, 3), np.uint8)
+    patch = al.OccluderPatch(np.full((4, 5, 3), 7, np.uint8), np.ones((4, 5), bool), 16, 25)
+    out = al.paste_occluders(image, [patch])
+    assert out[16:, 25:].min() == 7 and out.sum() == 7 * 4 * 5 * 3 and image.sum() == 0
+    with pytest.raises(ValueError, match="does not fit the 20x30 image"):
+        al.paste_occluders(image, [dataclasses.replace(patch, top=17)])
+    with pytest.raises(ValueError, match="2 pixel patches, 1 masks"):
+        al.stored_patches({"pixels": [patch.pixels] * 2, "mask": [patch.mask[..., None]],
+                           "top_left": [[0, 0]]})
+
+
+def test_beam_build_equals_the_local_build(tmp_path):
+    """The Apache Beam route (optional dependency) gives the local build's examples."""
+    pytest.importorskip("apache_beam")
+    _write_release(tmp_path / "manual", 5)
+    local = _by_id(_build(tmp_path / "manual", tmp_path / "local", "--workers", "1",
+                          "--shard_size", "3"))
+    beam = _by_id(_build(tmp_path / "manual", tmp_path / "beam", "--beam_runner",
+                         "DirectRunner", "--shard_size", "3"))
+    assert local.keys() == beam.keys()
+    for key in local:
+        _assert_same(beam[key], local[key])
+
+
+def test_a_dying_worker_is_an_error_not_a_hang():
+    from datasets.amodal_lvis import amodal_lvis_dataset_builder as lvis_builder
+
+    with pytest.raises(ChildProcessError, match="worker process ended unexpectedly"):
+        list(lvis_builder.run_shards(os._exit, [3, 3, 3], workers=2))
+
+
+def test_benchmark_row_runs_the_command(benchmark_module):
+    """benchmarks/pipeline_rows.py `amodal_lvis_build` on 3 generated images: the command's
+    CPU time and the stored bytes per example, which hold the source JPEG."""
+    row, = benchmark_module("pipeline_rows").run(["amodal_lvis_build"], images=3, workers=1)
+    assert row["name"] == "amodal_lvis_build" and row["examples"] >= 6
+    assert row["cpu_ms_per_example"] > 0 and row["seconds"] > 0
+    jpeg = row["source_jpeg_bytes_per_image"]
+    assert jpeg < row["bytes_per_example"] < jpeg + 16_000

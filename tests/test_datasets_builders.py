@@ -259,7 +259,7 @@ def test_kins_original_and_2020(tmp_path, capsys):
         rc, out, err = _run_build(capsys, [f"kins/{config}", "--manual_dir", str(manual),
                                            "--data_dir", str(data), "--split", "validation"])
         assert rc == 0, err
-        assert f"kins/{config}/1.0.0" in out
+        assert f"kins/{config}/1.1.0" in out
         source = sources.open_source(f"kins/{config}", "validation", str(data))
         _check_coco_style(source, anns, keys)
         for example in _by_image_id(source).values():  # the release's visible box is kept

@@ -17,6 +17,8 @@ from pycocotools.cocoeval import COCOeval
 from sameo_jax import masks as mask_lib
 from sameo_jax.evaluation import coco_eval, coco_results, occlusion, pictures, runner
 
+from .conftest import random_params
+
 # ----------------------------------------------------------------------------- fixtures
 #
 # Image 1 (20 x 20), category 1:
@@ -280,7 +282,7 @@ def test_parse_detections_counts_and_reports_bad_entries():
     assert report.problems["a non-finite bbox"] == 1
     assert report.problems["a missing or non-finite score"] == 1
     assert report.problems["a bbox that is not 4 numbers"] == 1
-    assert report.problems["a bad segmentation"] == 1
+    assert report.problems["a bad segmentation (RLE size disagrees with the image)"] == 1
     assert report.problems["an entry that is not an object"] == 1
     line = report.summary()
     assert line.startswith("dets.json: using 2 of 10 entries; skipped")
@@ -328,7 +330,7 @@ def test_parse_results_normalises_and_checks_sizes():
     entries = [*good, poly, wrong_size, {"image_id": 1, "category_id": 1, "score": 1.0}]
     results, report = coco_results.parse_results(entries, "r.json", gt_builder.image_sizes)
     assert report.kept == 4 and report.skipped == 2
-    assert report.problems["a bad segmentation"] == 1
+    assert report.problems["a bad segmentation (RLE size disagrees with the image)"] == 1
     assert report.problems["missing key 'segmentation'"] == 1
     assert isinstance(results[3]["segmentation"]["counts"], str)
     assert results[0]["gt_instance"] == 0
@@ -429,7 +431,8 @@ def test_detection_prompts_count_images_never_read(tmp_path):
     path = tmp_path / "dets.json"
     ex = make_examples()
     entries = [_det(image_id=1), _det(image_id=1, score=0.2), _det(image_id=7),
-               _det(image_id=2, bbox=(0, 0, 3, 3), segmentation={"size": [20, 20], "counts": "0"})]
+               _det(image_id=2, bbox=(0, 0, 3, 3),
+                    segmentation=mask_lib.encode_rle(np.zeros((20, 20), bool)))]
     path.write_text(json.dumps(entries))
     dp = runner.DetectionPrompts(str(path), max_per_image=1)
     p1 = dp(ex[0])
@@ -438,7 +441,7 @@ def test_detection_prompts_count_images_never_read(tmp_path):
     report = dp.finish()
     assert report.kept == 1 and report.total == 4
     assert report.problems["an unknown image_id"] == 1
-    assert report.problems["a bad segmentation"] == 1
+    assert report.problems["a bad segmentation (RLE size disagrees with the image)"] == 1
     assert report.problems["a score rank > 1 in its image"] == 1
     only_unknown = tmp_path / "unknown.json"
     only_unknown.write_text(json.dumps([_det(image_id=7)]))
@@ -453,29 +456,31 @@ def test_evaluation_panel_shape():
     results = _results([ex], "amodal_mask", scores=(0.5, 0.9))
     panel = pictures.evaluation_panel(ex, results)
     assert panel.dtype == np.uint8
-    assert panel.shape == (14 + 20, 4 * 20 + 3 * 4, 3)
+    side = 20 * pictures.MAX_ENLARGE  # a 20 x 20 image is enlarged 8x (the cap)
+    assert panel.shape[1] == 4 * side + 3 * 4
+    assert side < panel.shape[0] < side + 40  # the title strip
+
+
+def test_demo_split_has_the_demo_training_scenes(tmp_path):
+    """evaluate.py --split demo scores the demo model on scenes like those it trained on."""
+    from configs.sameo import get_config
+    from sameo_jax.evaluation import evaluator
+
+    data = get_config("demo").data
+    scenes = evaluator.DEMO_SCENES
+    assert scenes["image_size"] == data.demo_image_size
+    assert scenes["object_size"] == tuple(data.demo_object_size)
+    assert scenes["occlusion_range"] == tuple(data.demo_occlusion_range)
+    source = evaluator.open_split(_demo_options(tmp_path))
+    assert len(source) == 200 and source[0]["image"].shape == (128, 128, 3)
+    rates = np.concatenate([source[i]["objects"]["occlusion_rate"] for i in range(0, 20, 2)])
+    occluded = rates[rates > 0]
+    assert occluded.size and occluded.min() >= 0.3 - 0.02 and occluded.max() <= 0.7 + 0.02
+    with pytest.raises(ValueError, match="demo: unknown split 'val'"):
+        evaluator.open_split(_demo_options(tmp_path, data_split="val"))
 
 
 # ----------------------------------------------------------------------------- end to end
-
-
-def _random_params(config, seed=0):
-    """Random params of `config`'s shapes, drawn in numpy (faster than tracing the init)."""
-    import jax
-
-    from sameo_jax.checkpoint import param_shapes
-
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = str(path[-1])
-        if "scale" in name:
-            return np.ones(leaf.shape, leaf.dtype)
-        if "bias" in name:
-            return np.zeros(leaf.shape, leaf.dtype)
-        return (rng.standard_normal(leaf.shape) * 0.05).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
 
 
 @pytest.fixture(scope="module")
@@ -484,7 +489,7 @@ def tiny_predictor():
     from sameo_jax.predictor import Predictor
 
     config = model_config("tiny")
-    return Predictor(config, _random_params(config))
+    return Predictor(config, random_params(config))
 
 
 def _demo_options(tmp_path, **kw):
@@ -506,10 +511,9 @@ def _check_metrics(m):
 
 
 def test_evaluate_demo_end_to_end(tmp_path, tiny_predictor, capsys):
-    from sameo_jax.data.sources import open_source
     from sameo_jax.evaluation import evaluator
 
-    source = open_source("demo", "test")
+    source = evaluator.open_split(_demo_options(tmp_path))
     n_instances = sum(len(source[i]["objects"]["category_id"]) for i in range(3))
     o = _demo_options(tmp_path, json=str(tmp_path / "metrics.json"), visualize=2)
     summary = evaluator.evaluate(o, predictor=tiny_predictor)
@@ -558,10 +562,9 @@ def test_evaluate_with_detections_file(tmp_path, tiny_predictor):
     """GT amodal boxes fed as a detector file give the same masks as --prompts gt_amodal;
     bad entries are counted, not fatal."""
     from sameo_jax.boxes import xyxy_to_xywh
-    from sameo_jax.data.sources import open_source
     from sameo_jax.evaluation import evaluator
 
-    source = open_source("demo", "test")
+    source = evaluator.open_split(_demo_options(tmp_path))
     entries = []
     for i in range(2):
         ex = source[i]
@@ -616,7 +619,7 @@ def test_evaluate_command_line_with_saved_checkpoint(tmp_path):
     from sameo_jax.models.efficient_sam import model_config
 
     config = model_config("tiny")
-    ckpt = save_params(_random_params(config, seed=1), tmp_path / "ckpt", config)
+    ckpt = save_params(random_params(config, seed=1), tmp_path / "ckpt", config)
     repo = pathlib.Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
     cmd = [sys.executable, str(repo / "evaluate.py"), "--split", "demo", "--checkpoint",

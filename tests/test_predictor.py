@@ -147,7 +147,7 @@ def test_predict_cli_one_line_errors(tmp_path, tiny_checkpoint):
          f"--image={tmp_path / 'bad.png'}", f"--prompts={tmp_path / 'p.json'}"],
         cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 1
-    assert "cannot read image" in result.stderr
+    assert "not an image file" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -79,9 +79,11 @@ def test_hstack_panels_layout_and_titles():
     np.testing.assert_array_equal(out[:6, 10:15], b)
     assert (out[6:, 10:15] == 0).all()
     titled = visualize.hstack_panels([a, b], titles=["image", "pred"], gap=2)
-    assert titled.shape == (24, 15, 3)
-    np.testing.assert_array_equal(titled[14:, :8], a)
-    assert titled[:14].any()  # title text was drawn
+    title_h = titled.shape[0] - 10
+    assert titled.shape[1:] == (15, 3)
+    assert visualize.MIN_FONT_SIZE <= title_h <= 2 * visualize.MIN_FONT_SIZE  # fits the text
+    np.testing.assert_array_equal(titled[title_h:, :8], a)
+    assert titled[:title_h].any()  # title text was drawn
     with pytest.raises(ValueError, match="titles"):
         visualize.hstack_panels([a, b], titles=["one"])
 
@@ -91,3 +93,67 @@ def test_save_png_roundtrip(tmp_path):
     path = tmp_path / "sub" / "x.png"
     visualize.save_png(path, image)
     np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
+
+
+def test_outline_and_hatching():
+    mask = np.zeros((7, 7), bool)
+    mask[1:6, 1:6] = True
+    edge = visualize.outline(mask)
+    assert edge.sum() == 16 and not edge[2:5, 2:5].any() and (edge <= mask).all()
+    assert visualize.outline(mask, width=2).sum() == 24
+    stripes = visualize.hatching(4, 4, period=4, thickness=1)
+    np.testing.assert_array_equal(stripes[0], [True, False, False, False])
+    np.testing.assert_array_equal(stripes[1], [False, False, False, True])
+
+
+def test_overlay_stripes_hidden_parts_over_the_occluder():
+    """An amodal mask reads as 'seen part + hidden part': the seen part is blended, the hidden
+    part is painted in stripes of the instance's colour over what hides it, and the amodal
+    mask is outlined; without `hidden` the same mask is one flat blend."""
+    image = _image(64, 64, value=0)
+    amodal = np.zeros((1, 64, 64), bool)
+    amodal[0, 8:56, 8:56] = True
+    hidden = np.zeros_like(amodal)
+    hidden[0, 8:56, 32:56] = True
+    out = visualize.overlay_masks(image, amodal, hidden=hidden, alpha=0.5)
+    colour = visualize.PALETTE[0]
+    blend = np.rint(0.5 * colour.astype(np.float32)).astype(np.uint8)
+    np.testing.assert_array_equal(out[30, 20], blend)  # seen part: blended
+    np.testing.assert_array_equal(out[8, 20], colour)  # outline
+    stripes = visualize.hatching(64, 64, period=6, thickness=2)
+    inner = hidden[0].copy()
+    inner[:, 54:] = inner[54:, :] = inner[:10, :] = False  # away from the outline
+    np.testing.assert_array_equal(out[inner & stripes], np.broadcast_to(colour, (
+        int((inner & stripes).sum()), 3)))
+    assert (out[inner & ~stripes] == 0).all()  # between stripes the occluder shows through
+    flat = visualize.overlay_masks(image, amodal, alpha=0.5)
+    assert (flat[amodal[0]] == blend).all()
+    with pytest.raises(ValueError, match="hidden"):
+        visualize.overlay_masks(image, amodal, hidden=np.zeros((2, 64, 64), bool))
+
+
+def test_overlay_colours_and_labels_that_do_not_cover_each_other():
+    image = _image(100, 100, value=0)
+    masks = np.zeros((2, 100, 100), bool)
+    masks[:, 10:60, 10:60] = True  # same top-left corner: the labels would coincide
+    out = visualize.overlay_masks(image, masks[:1], alpha=1.0, colours=[3])
+    np.testing.assert_array_equal(out[30, 30], visualize.PALETTE[3])
+    labelled = visualize.overlay_masks(image, masks, texts=["0.91", "0.42"], alpha=0.0)
+    dark = (labelled[:, 10:40] == 0).all(axis=(1, 2))  # label boxes are black rows
+    rows = np.flatnonzero(~dark)
+    # Two separate text rows: the second label was moved below the first.
+    assert rows.size and (np.diff(rows) > 1).any()
+    with pytest.raises(ValueError, match="colours"):
+        visualize.overlay_masks(image, masks, colours=[1])
+
+
+def test_label_font_grows_with_the_picture_and_upscale_keeps_masks_exact():
+    assert visualize.label_font_size(20, 30) == visualize.MIN_FONT_SIZE
+    assert visualize.label_font_size(720, 1280) == 40
+    masks = np.zeros((2, 3, 4), bool)
+    masks[1, 2, 3] = True
+    big = visualize.upscale(masks, 3, axes=(1, 2))
+    assert big.shape == (2, 9, 12) and big.sum() == 9 and big[1, 6:9, 9:12].all()
+    assert visualize.upscale(_image(2, 3), 2).shape == (4, 6, 3)
+    with pytest.raises(ValueError, match="factor"):
+        visualize.upscale(masks, 0)

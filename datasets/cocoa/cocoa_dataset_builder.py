@@ -25,5 +25,6 @@ class Builder(amodal_builder.AmodalBuilder):
     SPLIT_SIZES = {"train": 2500, "validation": 1323, "test": 1250}
     RULES = ("empty_amodal", "stuff", "tiny_visible")
 
-    def read_split(self, split: str, manual_dir: pathlib.Path) -> list[amodal_builder.RawImage]:
-        return release_formats.read_cocoa_regions(manual_dir / self.SPLIT_FILES[split][0])
+    def read_split(self, split: str, manual_dir: pathlib.Path,
+                   stats: amodal_builder.BuildStats) -> list[amodal_builder.RawImage]:
+        return release_formats.read_cocoa_regions(manual_dir / self.SPLIT_FILES[split][0], stats)

@@ -23,6 +23,7 @@ class Builder(amodal_builder.AmodalBuilder):
     SPLIT_SIZES = {"train": 2476, "validation": 1223}
     RULES = ("empty_amodal", "tiny_visible")
 
-    def read_split(self, split: str, manual_dir: pathlib.Path) -> list[amodal_builder.RawImage]:
+    def read_split(self, split: str, manual_dir: pathlib.Path,
+                   stats: amodal_builder.BuildStats) -> list[amodal_builder.RawImage]:
         path = manual_dir / self.SPLIT_FILES[split][0]
-        return release_formats.read_coco_instances(path, release_formats.COCOA_CLS_KEYS)
+        return release_formats.read_coco_instances(path, release_formats.COCOA_CLS_KEYS, stats)

@@ -42,6 +42,7 @@ class Builder(amodal_builder.AmodalBuilder):
     def split_files(self, split: str) -> list[str]:
         return _FILES[self.builder_config.name][split]
 
-    def read_split(self, split: str, manual_dir: pathlib.Path) -> list[amodal_builder.RawImage]:
+    def read_split(self, split: str, manual_dir: pathlib.Path,
+                   stats: amodal_builder.BuildStats) -> list[amodal_builder.RawImage]:
         path = manual_dir / self.split_files(split)[0]
-        return release_formats.read_coco_instances(path, _KEYS[self.builder_config.name])
+        return release_formats.read_coco_instances(path, _KEYS[self.builder_config.name], stats)

@@ -12,10 +12,10 @@ From any COCO/LVIS-format instance source (modal masks only) this makes amodal t
    - Without a model, geometric rules: the mask keeps at least `border_margin` pixels from
      the image border (not cut by the frame) and its box overlaps no other instance's box
      (nothing in front of it). Both paths also drop masks smaller than `min_area` pixels.
-2. Synthetic occlusion (`synthesize_occlusion`): each complete object (the target) is paired
-   with a random complete object from another image (the occluder). The occluder is cut out
-   by its mask, resized with its aspect ratio kept so that sqrt(occluder area) / sqrt(target
-   area) is uniform in `occluder_scale` (sizes normalised), and placed by box with
+2. Synthetic occlusion: each complete object (the target) is paired with a random complete
+   object of another image of the same shard (the occluder). The occluder is cut out by its
+   mask, resized with its aspect ratio kept so that sqrt(occluder area) / sqrt(target area)
+   is uniform in `occluder_scale` (sizes normalised), and placed by box with
    `place_occluder` so the hidden fraction of the target lands in `occlusion_range` (a
    curriculum passes a different range per call, e.g. `curriculum_range`). The occluder
    never covers the image's other complete objects. Annotations: target amodal = its full
@@ -25,16 +25,37 @@ From any COCO/LVIS-format instance source (modal masks only) this makes amodal t
 3. Dual annotation: the original image, with all its complete objects unoccluded, is emitted
    too (before its synthesized versions), so every occluded object also appears unoccluded.
 
-Deterministic per seed: the occluder and placement of target k of image i come from the
-random stream (seed, i, k), independent of iteration order.
+Shards: the source is cut into blocks of `shard_size` consecutive images (in id order) and
+occluders come from the other images of the same block, so a shard is made from its own
+images alone (`synthesize_shard`): each image is read and decoded once, its complete objects'
+cut-outs are kept for later occluder draws (never the whole image), and shards run in any
+order, process or host with the same result. Deterministic per seed: the occluder and
+placement of target k of image i come from the random stream (seed, i, k), i the index in
+the whole source.
+
+Stored form (`datasets/amodal_lvis`; `ImageExamples` before encoding). An example keeps its
+source image as the image file's own bytes and the occluder as a small patch:
+    image               the source file's bytes (JPEG / PNG as released; other modes as PNG)
+    objects/...         the schema's per-instance fields (1-bit PNG masks at the image size);
+                        a synthesized example lists the image's complete objects, then the
+                        occluder
+    occluders           0 (dual) or 1 patch: `pixels` PNG [h, w, 3] (zero outside the mask),
+                        `mask` 1-bit PNG [h, w, 1], `top_left` int32 [2] (row, column)
+The example's pixels are the decoded image with each patch's masked pixels written at
+top_left (`paste_occluders`); `sameo_jax.data.sources` does this when it reads a record, so
+the training pipeline sees plain schema examples.
 
 Public API:
-    SynthesisConfig, SynthesisStats, InstanceImage
+    SynthesisConfig, SynthesisStats, InstanceImage, OccluderPatch, ImageExamples
     CocoInstanceSource(annotation_file, image_dir)     # random-access, [i] -> InstanceImage
     DemoInstanceSource(num_images, image_size, seed)   # modal view of the demo scenes
     complete_by_geometry(masks, *, border_margin, min_area) -> bool [N]
     complete_by_model(image, masks, predict_amodal, *, iou_threshold, min_area) -> bool [N]
     place_occluder(target, occluder, occlusion_range, rng, *, avoid, tries)
+    paste_occluders(image, patches) -> image          # the read-time composition
+    stored_patches(record['occluders']) -> [OccluderPatch]
+    synthesize_shard(items, *, seed, config, predict_amodal, stats) -> Iterator[ImageExamples]
+    shard_ranges(num_images, shard_size) -> [(start, stop), ...]
     synthesize(source, *, seed, config, predict_amodal, stats) -> Iterator[example]
     synthesize_from_coco(annotation_file, image_dir, *, seed, config, ...) -> Iterator[example]
     curriculum_range(progress, start, end) -> (lo, hi)
@@ -47,6 +68,7 @@ Preview: `python -m sameo_jax.data.amodal_lvis --preview out.png [--source demo 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -54,12 +76,13 @@ import math
 import os
 import pathlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from sameo_jax import image_io
 from sameo_jax.boxes import box_from_mask, boxes_from_masks
 from sameo_jax.masks import decode_segmentation, mask_iou
 
@@ -85,6 +108,7 @@ class SynthesisConfig:
     occluder_tries: int = 4  # occluders tried per target before giving up
     placement_tries: int = 8  # directions tried per occluder
     dual: bool = True  # also emit each original image with its complete objects
+    shard_size: int = 256  # images per shard; occluders come from the same shard
 
     def __post_init__(self):
         lo, hi = self.occlusion_range
@@ -96,6 +120,9 @@ class SynthesisConfig:
         if not 0.0 < self.model_iou_threshold <= 1.0:
             raise ValueError(
                 f"model_iou_threshold must be in (0, 1], got {self.model_iou_threshold}")
+        if self.shard_size < 2:
+            raise ValueError(f"shard_size must be >= 2 (occluders come from other images of "
+                             f"the shard), got {self.shard_size}")
 
 
 @dataclasses.dataclass
@@ -114,6 +141,11 @@ class SynthesisStats:
     def lines(self) -> list[str]:
         return [f"{k}: {v}" for k, v in dataclasses.asdict(self).items()]
 
+    def add(self, other: SynthesisStats) -> None:
+        """Adds the counts of another run (e.g. of another shard)."""
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
 
 @dataclasses.dataclass
 class InstanceImage:
@@ -123,6 +155,7 @@ class InstanceImage:
     image_id: int
     masks: np.ndarray  # [N, H, W] bool modal masks
     category_ids: np.ndarray  # [N] int64
+    encoded: bytes | None = None  # the file's bytes when they decode to `image` as they are
 
 
 # ----------------------------------------------------------------------------- sources
@@ -135,7 +168,8 @@ class CocoInstanceSource:
     or RLE; LVIS files work too: an image without `file_name` uses its `coco_url` basename).
     image_dir: folder holding the image files. Crowd annotations (`iscrowd` = 1) are ignored.
     Images are in increasing `id` order. An unreadable image gives `None` (with a warning);
-    an undecodable segmentation is skipped with a warning (see `bad_masks`).
+    an undecodable segmentation is skipped with a warning (see `bad_masks`). `shard(start,
+    stop)` is the same source cut to those images (small to send to a worker process).
     """
 
     def __init__(self, annotation_file: str | os.PathLike, image_dir: str | os.PathLike):
@@ -164,6 +198,10 @@ class CocoInstanceSource:
             self._images.append((int(im["id"]), name, int(im["height"]), int(im["width"])))
         self._images.sort()
         known = {im[0] for im in self._images}
+        if len(known) != len(self._images):  # annotations could not be told apart
+            ids = [im[0] for im in self._images]
+            dup = next(i for i, j in zip(ids, ids[1:], strict=False) if i == j)
+            raise ValueError(f"{path}: image id {dup} is listed more than once")
         self._anns: dict[int, list[dict[str, Any]]] = {i: [] for i in known}
         for k, ann in enumerate(data["annotations"]):
             for field in ("image_id", "segmentation", "category_id"):
@@ -180,14 +218,22 @@ class CocoInstanceSource:
     def __len__(self) -> int:
         return len(self._images)
 
+    def shard(self, start: int, stop: int) -> CocoInstanceSource:
+        """The images [start, stop) (in id order) and only their annotations."""
+        part = copy.copy(self)
+        part._images = self._images[start:stop]
+        part._anns = {im[0]: self._anns[im[0]] for im in part._images}
+        part.bad_masks = 0
+        return part
+
     def __getitem__(self, index: int) -> InstanceImage | None:
         image_id, name, height, width = self._images[index]
-        file = self.image_dir / name
-        try:
-            with Image.open(file) as im:
-                image = np.asarray(im.convert("RGB"), np.uint8)
-        except (OSError, ValueError) as e:
-            log.warning("skipping unreadable image %s: %s", file, e)
+        try:  # the image's folder only (no absolute path, '..' or symlink out); any PIL mode
+            file = image_io.path_inside(self.image_dir, name)
+            data = image_io.read_file_bytes(file)
+            image, plain = image_io.decode(data, str(file))
+        except image_io.ImageError as e:
+            log.warning("skipping unreadable image: %s", e)
             return None
         if image.shape[:2] != (height, width):
             log.warning("skipping %s: size %s disagrees with the annotation's %s", file,
@@ -205,7 +251,8 @@ class CocoInstanceSource:
             masks.append(mask)
             categories.append(int(ann["category_id"]))
         masks_arr = np.stack(masks) if masks else np.zeros((0, height, width), bool)
-        return InstanceImage(image, image_id, masks_arr, np.asarray(categories, np.int64))
+        return InstanceImage(image, image_id, masks_arr, np.asarray(categories, np.int64),
+                             data if plain else None)
 
 
 class DemoInstanceSource:
@@ -374,62 +421,193 @@ def place_occluder(
     return None
 
 
-def _cut_out(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Crops an object to its box and resizes it by `scale` (aspect kept).
+# ----------------------------------------------------------------------------- shards
 
-    Returns pixels [h, w, 3] uint8 and mask [h, w] bool (bilinear, mask thresholded at 0.5).
+
+def _resize_cut_out(pixels: np.ndarray, mask: np.ndarray, scale: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Resizes an object's box crop by `scale` (aspect kept).
+
+    pixels [h, w, 3] uint8, mask [h, w] bool -> the same at the new size (bilinear, mask
+    thresholded at 0.5).
     """
-    x0, y0, x1, y1 = (int(v) for v in box_from_mask(mask))
-    pixels, local = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
-    h = max(1, int(round(local.shape[0] * scale)))
-    w = max(1, int(round(local.shape[1] * scale)))
-    if (h, w) != local.shape:
+    h = max(1, int(round(mask.shape[0] * scale)))
+    w = max(1, int(round(mask.shape[1] * scale)))
+    if (h, w) != mask.shape:
         pixels = np.asarray(Image.fromarray(pixels).resize((w, h), Image.BILINEAR))
-        weight = Image.fromarray(local.astype(np.float32)).resize((w, h), Image.BILINEAR)
-        local = np.asarray(weight) >= 0.5
-    return pixels, local
+        weight = Image.fromarray(mask.astype(np.float32)).resize((w, h), Image.BILINEAR)
+        mask = np.asarray(weight) >= 0.5
+    return pixels, mask
 
 
-def synthesize_occlusion(
-    target_image: InstanceImage,
-    target: int,
-    complete: np.ndarray,
-    occluder_image: InstanceImage,
-    occluder: int,
-    config: SynthesisConfig,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, int, int] | None:
-    """Pastes one occluder over one complete target; returns None if no placement works.
+@dataclasses.dataclass(frozen=True)
+class OccluderPatch:
+    """An occluder pasted into an image: the stored form of one synthetic occlusion."""
 
-    target_image / occluder_image: the two images; target / occluder: instance indices.
-    complete: [N] bool complete flags of target_image's instances (the occluder avoids the
-    other complete ones). Returns (image [H, W, 3] uint8 with the occluder pasted, the
-    occluder's mask in that image [H, W] bool, top, left).
+    pixels: np.ndarray  # [h, w, 3] uint8, zero outside `mask`
+    mask: np.ndarray  # [h, w] bool
+    top: int  # row of the patch's top-left corner in the image
+    left: int  # column of that corner
+
+    def full_mask(self, hw: tuple[int, int]) -> np.ndarray:
+        """The occluder's mask in the [H, W] image frame."""
+        out = np.zeros(hw, bool)
+        h, w = self.mask.shape
+        out[self.top : self.top + h, self.left : self.left + w] = self.mask
+        return out
+
+
+def paste_occluders(image: np.ndarray, patches: Sequence[OccluderPatch]) -> np.ndarray:
+    """The read-time composition: a copy of image [H, W, 3] uint8 with each patch's masked
+    pixels written at its place. Raises ValueError for a patch that does not fit the image."""
+    out = np.array(image, np.uint8)
+    height, width = out.shape[:2]
+    for k, p in enumerate(patches):
+        h, w = p.mask.shape
+        if (np.shape(p.pixels) != (h, w, 3) or not 0 <= p.top <= height - h
+                or not 0 <= p.left <= width - w):
+            raise ValueError(
+                f"occluder patch {k}: pixels {np.shape(p.pixels)}, mask {p.mask.shape} at row "
+                f"{p.top}, column {p.left} does not fit the {height}x{width} image")
+        region = out[p.top : p.top + h, p.left : p.left + w]
+        region[p.mask] = p.pixels[p.mask]
+    return out
+
+
+def stored_patches(occluders: dict[str, Any]) -> list[OccluderPatch]:
+    """A record's decoded `occluders` feature ('pixels' [h, w, 3], 'mask' [h, w, 1] per
+    patch, 'top_left' [P, 2]) -> OccluderPatch list. Raises ValueError when they disagree."""
+    pixels, masks = list(occluders["pixels"]), list(occluders["mask"])
+    corners = np.asarray(occluders["top_left"], np.int64).reshape(-1, 2)
+    if not len(pixels) == len(masks) == len(corners):
+        raise ValueError(f"occluders: {len(pixels)} pixel patches, {len(masks)} masks and "
+                         f"{len(corners)} corners")
+    out = []
+    for k, (pix, mask, (top, left)) in enumerate(zip(pixels, masks, corners, strict=True)):
+        mask = np.asarray(mask)
+        if mask.ndim == 3 and mask.shape[-1] == 1:
+            mask = mask[..., 0]
+        if mask.ndim != 2:
+            raise ValueError(f"occluder patch {k}: mask of shape {mask.shape}, expected [h, w]")
+        out.append(OccluderPatch(np.asarray(pix, np.uint8), mask.astype(bool), int(top),
+                                 int(left)))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Occlusion:
+    """One synthesized example: complete object `target` hidden by `patch`."""
+
+    target: int  # row of ImageExamples.masks
+    image_id: int  # the example's id
+    patch: OccluderPatch
+    category_id: int  # the occluder's
+
+
+@dataclasses.dataclass
+class ImageExamples:
+    """One source image's examples in stored form (see the module docstring).
+
+    masks [K, H, W] bool are the image's complete objects: the dual example (when `dual`)
+    shows them unoccluded, each `Occlusion` hides one of them under its patch.
     """
-    height, width = target_image.image.shape[:2]
-    t_mask = target_image.masks[target]
-    o_mask = occluder_image.masks[occluder]
-    ratio = math.sqrt(t_mask.sum() / max(int(o_mask.sum()), 1))
-    x0, y0, x1, y1 = box_from_mask(o_mask)
+
+    index: int  # position in the whole source
+    image_id: int
+    encoded: bytes | None  # the image file's bytes
+    image: np.ndarray | None  # [H, W, 3] uint8, kept only where there are no bytes
+    masks: np.ndarray
+    category_ids: np.ndarray  # [K] int64
+    dual: bool
+    occlusions: list[Occlusion]
+
+    def pixels(self) -> np.ndarray:
+        """The source image [H, W, 3] uint8 (decoded from `encoded` when not kept)."""
+        if self.image is not None:
+            return self.image
+        return image_io.decode_rgb(self.encoded, f"image {self.image_id}")
+
+    def occluded(self, occlusion: Occlusion) -> tuple[np.ndarray, np.ndarray]:
+        """(occluder mask, target's visible mask), both [H, W] bool, of one occlusion."""
+        full = occlusion.patch.full_mask(self.masks.shape[1:])
+        return full, self.masks[occlusion.target] & ~full
+
+    def schema_examples(self, image: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
+        """The examples in the project schema (numpy; image = `pixels()` unless given)."""
+        image = self.pixels() if image is None else image
+        cats = [int(c) for c in self.category_ids]
+        full = list(self.masks)
+        if self.dual:
+            yield _example(image, self.image_id, full, full, cats)
+        for occ in self.occlusions:
+            occluder, target_visible = self.occluded(occ)
+            visible = list(full)
+            visible[occ.target] = target_visible
+            yield _example(paste_occluders(image, [occ.patch]), occ.image_id,
+                           full + [occluder], visible + [occluder], cats + [occ.category_id])
+
+
+@dataclasses.dataclass
+class _Complete:
+    """An image's complete objects as a shard keeps them: cut-outs at their boxes."""
+
+    index: int
+    image_id: int
+    hw: tuple[int, int]
+    encoded: bytes | None
+    image: np.ndarray | None  # kept only where there are no bytes
+    instances: list[int]  # instance indices in the source image
+    boxes: list[tuple[int, int, int, int]]  # x0, y0, x1, y1 (x1, y1 exclusive)
+    masks: list[np.ndarray]  # [y1 - y0, x1 - x0] bool
+    pixels: list[np.ndarray]  # [y1 - y0, x1 - x0, 3] uint8
+    areas: list[int]
+    category_ids: list[int]
+
+    def full_masks(self) -> np.ndarray:
+        out = np.zeros((len(self.masks), *self.hw), bool)
+        for k, ((x0, y0, x1, y1), mask) in enumerate(zip(self.boxes, self.masks, strict=True)):
+            out[k, y0:y1, x0:x1] = mask
+        return out
+
+
+def _cut_complete(index: int, item: InstanceImage, flags: np.ndarray,
+                  encode_image: Callable[[np.ndarray], bytes] | None) -> _Complete:
+    encoded = item.encoded
+    if encoded is None and encode_image is not None:
+        encoded = encode_image(item.image)
+    out = _Complete(index, int(item.image_id), item.image.shape[:2], encoded,
+                    item.image if encoded is None else None, [], [], [], [], [], [])
+    for k in np.flatnonzero(flags):
+        x0, y0, x1, y1 = (int(v) for v in box_from_mask(item.masks[k]))
+        out.instances.append(int(k))
+        out.boxes.append((x0, y0, x1, y1))
+        out.masks.append(item.masks[k, y0:y1, x0:x1].copy())
+        out.pixels.append(item.image[y0:y1, x0:x1].copy())
+        out.areas.append(int(out.masks[-1].sum()))
+        out.category_ids.append(int(item.category_ids[k]))
+    return out
+
+
+def _occlude(target: np.ndarray, target_area: int, avoid: np.ndarray | None,
+             occluder: _Complete, m: int, config: SynthesisConfig, rng: np.random.Generator,
+             ) -> OccluderPatch | None:
+    """Cuts out object m of `occluder`, sizes it to the target ([H, W] bool) and places it;
+    None when no placement works."""
+    height, width = target.shape
+    mask, pixels = occluder.masks[m], occluder.pixels[m]
+    ratio = math.sqrt(target_area / max(occluder.areas[m], 1))
     scale = ratio * rng.uniform(*config.occluder_scale)
-    scale = min(scale, height / max(y1 - y0, 1.0), width / max(x1 - x0, 1.0))
-    pixels, local = _cut_out(occluder_image.image, o_mask, scale)
+    scale = min(scale, height / max(mask.shape[0], 1), width / max(mask.shape[1], 1))
+    pixels, local = _resize_cut_out(pixels, mask, scale)
     if not local.any():
         return None
-    others = complete.copy()
-    others[target] = False
-    avoid = target_image.masks[others].any(axis=0) if others.any() else None
-    placed = place_occluder(t_mask, local, config.occlusion_range, rng, avoid=avoid,
+    placed = place_occluder(target, local, config.occlusion_range, rng, avoid=avoid,
                             tries=config.placement_tries)
     if placed is None:
         return None
     top, left, _ = placed
-    h, w = local.shape
-    image = target_image.image.copy()
-    image[top : top + h, left : left + w][local] = pixels[local]
-    full = np.zeros((height, width), bool)
-    full[top : top + h, left : left + w] = local
-    return image, full, top, left
+    return OccluderPatch(np.where(local[..., None], pixels, 0).astype(np.uint8), local, top,
+                         left)
 
 
 def _example(image: np.ndarray, image_id: int, amodal: list[np.ndarray],
@@ -463,6 +641,70 @@ def _complete_flags(item: InstanceImage, config: SynthesisConfig,
                              iou_threshold=config.model_iou_threshold, min_area=config.min_area)
 
 
+def shard_ranges(num_images: int, shard_size: int) -> list[tuple[int, int]]:
+    """[(start, stop), ...] blocks of `shard_size` consecutive images covering the source."""
+    return [(s, min(s + shard_size, num_images)) for s in range(0, num_images, shard_size)]
+
+
+def synthesize_shard(
+    items: Iterable[tuple[int, InstanceImage | None]],
+    *,
+    seed: int = 0,
+    config: SynthesisConfig = SynthesisConfig(),
+    predict_amodal: PredictAmodal | None = None,
+    stats: SynthesisStats | None = None,
+    encode_image: Callable[[np.ndarray], bytes] | None = None,
+) -> Iterator[ImageExamples]:
+    """Synthesizes one shard: yields an `ImageExamples` per image with complete objects.
+
+    items: the shard's (index in the whole source, InstanceImage or None for an unreadable
+      image), in source order; each is used once (completeness, cut-outs) and its pixels are
+      not kept when it has file bytes (`encoded`, or made by `encode_image`).
+    Per image: the dual example when `config.dual`, then one occlusion per complete object
+    that could be occluded in range (`image_id` = SYNTHETIC_ID_STRIDE * (1 + instance index)
+    + original id), the occluder drawn from the other images of the shard.
+    """
+    stats = stats if stats is not None else SynthesisStats()
+    shard = []
+    for index, item in items:  # pass 1: completeness and cut-outs (the occluder pool)
+        if item is None:
+            stats.images_skipped += 1
+            continue
+        stats.images += 1
+        stats.instances += len(item.masks)
+        flags = _complete_flags(item, config, predict_amodal)
+        stats.complete += int(flags.sum())
+        if flags.any():
+            shard.append(_cut_complete(index, item, flags, encode_image))
+    pool = [(j, m) for j, c in enumerate(shard) for m in range(len(c.instances))]
+    for j, c in enumerate(shard):  # pass 2: dual + occlusions, from masks and cut-outs only
+        masks = c.full_masks()
+        stats.dual_examples += int(config.dual)
+        occlusions = []
+        if len(pool) == len(c.instances):  # no complete object in any other image
+            stats.placement_failed += len(c.instances)
+        covered = masks.sum(axis=0, dtype=np.int32)
+        for k, instance in enumerate(c.instances if len(pool) > len(c.instances) else ()):
+            rng = np.random.default_rng([seed, c.index, instance])
+            avoid = (covered - masks[k]) > 0 if len(masks) > 1 else None
+            patch = None
+            for _ in range(config.occluder_tries):
+                o, m = j, -1
+                while o == j:  # uniform over the other images' complete objects
+                    o, m = pool[int(rng.integers(len(pool)))]
+                patch = _occlude(masks[k], c.areas[k], avoid, shard[o], m, config, rng)
+                if patch is not None:
+                    break
+            if patch is None:
+                stats.placement_failed += 1
+                continue
+            stats.occluded_examples += 1
+            occlusions.append(Occlusion(k, SYNTHETIC_ID_STRIDE * (1 + instance) + c.image_id,
+                                        patch, shard[o].category_ids[m]))
+        yield ImageExamples(c.index, c.image_id, c.encoded, c.image, masks,
+                            np.asarray(c.category_ids, np.int64), config.dual, occlusions)
+
+
 def synthesize(
     source: Sequence[InstanceImage | None],
     *,
@@ -474,64 +716,17 @@ def synthesize(
     """Yields Amodal-LVIS examples (project schema, numpy) from an instance source.
 
     source: random-access (`len`, `[i]` -> InstanceImage, or None for an unreadable image).
-    Per image with complete objects, in source order: the dual example (original image, its
-    complete objects unoccluded; `image_id` = the original id) when `config.dual`, then one
-    synthesized example per complete object that could be occluded in range (`image_id` =
-    SYNTHETIC_ID_STRIDE * (1 + instance index) + original id). Deterministic per seed.
-    stats: optional SynthesisStats filled in as the generator runs.
+    Shard by shard (`config.shard_size` images), per image with complete objects in source
+    order: the dual example, then its synthesized ones (see `synthesize_shard`), each image's
+    pixels composed in memory exactly as a reader of the stored form composes them.
+    Deterministic per seed. stats: optional SynthesisStats filled in as the generator runs.
     """
     stats = stats if stats is not None else SynthesisStats()
-    # Pass 1: complete objects of every image (the occluder pool).
-    flags: list[np.ndarray | None] = []
-    for i in range(len(source)):
-        item = source[i]
-        if item is None:
-            stats.images_skipped += 1
-            flags.append(None)
-            continue
-        stats.images += 1
-        stats.instances += len(item.masks)
-        flags.append(_complete_flags(item, config, predict_amodal))
-        stats.complete += int(flags[-1].sum())
-    pool = [(i, int(k)) for i, f in enumerate(flags) if f is not None for k in np.flatnonzero(f)]
-
-    # Pass 2: dual + occluded examples.
-    for i, f in enumerate(flags):
-        if f is None or not f.any():
-            continue
-        item = source[i]
-        complete_idx = [int(k) for k in np.flatnonzero(f)]
-        cats = [int(item.category_ids[k]) for k in complete_idx]
-        full = [item.masks[k] for k in complete_idx]
-        if config.dual:
-            stats.dual_examples += 1
-            yield _example(item.image, item.image_id, full, full, cats)
-        if len(pool) == len(complete_idx):  # no complete object in any other image
-            stats.placement_failed += len(complete_idx)
-            continue
-        for k in complete_idx:
-            rng = np.random.default_rng([seed, i, k])
-            result = None
-            for _ in range(config.occluder_tries):
-                j, m = i, -1
-                while j == i:  # uniform over the other images' complete objects
-                    j, m = pool[int(rng.integers(len(pool)))]
-                other = source[j]
-                result = synthesize_occlusion(item, k, f, other, m, config, rng)
-                if result is not None:
-                    break
-            if result is None:
-                stats.placement_failed += 1
-                continue
-            image, occluder_mask, _, _ = result
-            visible = [mask & ~occluder_mask if kk == k else mask
-                       for kk, mask in zip(complete_idx, full, strict=True)]
-            stats.occluded_examples += 1
-            yield _example(
-                image, SYNTHETIC_ID_STRIDE * (1 + k) + item.image_id,
-                full + [occluder_mask], visible + [occluder_mask],
-                cats + [int(other.category_ids[m])],
-            )
+    for start, stop in shard_ranges(len(source), config.shard_size):
+        items = ((i, source[i]) for i in range(start, stop))
+        for record in synthesize_shard(items, seed=seed, config=config,
+                                       predict_amodal=predict_amodal, stats=stats):
+            yield from record.schema_examples()
 
 
 def synthesize_from_coco(

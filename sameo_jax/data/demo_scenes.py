@@ -7,7 +7,8 @@ of examples in the project's schema (numpy):
      'objects': {'amodal_mask': bool [N, S, S], 'visible_mask': bool [N, S, S],
                  'amodal_bbox': float32 [N, 4], 'visible_bbox': float32 [N, 4] (xyxy px),
                  'category_id': int64 [N] (1-based shape kind, see SHAPE_KINDS),
-                 'occlusion_rate': float32 [N]}}
+                 'occlusion_rate': float32 [N],
+                 'order': int64 [N] (depth rank: 1 = drawn last, in front of all)}}
 
 How a scene is made (the Amodal-LVIS recipe on procedural objects):
 - Complete objects are textured shapes of regular families (ellipse, triangle, rounded
@@ -28,7 +29,9 @@ How a scene is made (the Amodal-LVIS recipe on procedural objects):
   occluded scene.
 - Every instance's amodal mask is its full shape (all shapes lie fully inside the image);
   its visible mask is what the instances above it leave; boxes come from
-  `sameo_jax.boxes.box_from_mask`; occlusion_rate = 1 - visible area / amodal area.
+  `sameo_jax.boxes.box_from_mask`; occlusion_rate = 1 - visible area / amodal area; order
+  is the rank in drawing order from the top (the COCOA convention, 1 = front), so of two
+  overlapping objects the one with the smaller order hides the other.
 
 Deterministic per (seed, index); nothing is cached between calls.
 """
@@ -351,6 +354,7 @@ def _example(image: np.ndarray, image_id: int, categories: list[int],
     amodal_area = amodal_masks.reshape(n, -1).sum(axis=1).astype(np.float32)
     visible_area = visible_masks.reshape(n, -1).sum(axis=1).astype(np.float32)
     rate = 1.0 - visible_area / np.maximum(amodal_area, 1.0)
+    order = np.arange(n, 0, -1, dtype=np.int64)  # the last layer drawn is 1 (front)
     return {
         "image": image,
         "image_id": np.int64(image_id),
@@ -362,6 +366,7 @@ def _example(image: np.ndarray, image_id: int, categories: list[int],
             "visible_bbox": boxes_from_masks(visible_masks),
             "category_id": np.asarray(categories, np.int64),
             "occlusion_rate": rate.astype(np.float32),
+            "order": order,
         },
     }
 

@@ -6,7 +6,8 @@ examples in the project's schema as numpy (see `datasets/features.py` for the st
     {'image': uint8 [H, W, 3], 'image_id': int64, 'source': str,
      'objects': {'amodal_mask': bool [N, H, W], 'visible_mask': bool [N, H, W],
                  'amodal_bbox': float32 [N, 4], 'visible_bbox': float32 [N, 4],
-                 'category_id': int64 [N], 'occlusion_rate': float32 [N]}}
+                 'category_id': int64 [N], 'occlusion_rate': float32 [N],
+                 'order': int64 [N] (depth rank, 1 = front; 0 = unknown)}}
 
 Built data is read with `tfds.data_source` machinery (array_record, no TensorFlow).
 'demo' with no data_dir is the procedural `DemoSource` and needs no build.
@@ -92,6 +93,11 @@ class TfdsSource:
 def to_schema(record: dict[str, Any]) -> dict[str, Any]:
     """A decoded TFDS record (lists of per-instance arrays) -> schema example (numpy)."""
     image = np.asarray(record["image"], np.uint8)
+    if "occluders" in record:  # Amodal-LVIS stores the source image and the occluder apart
+        from sameo_jax.data import amodal_lvis
+
+        image = amodal_lvis.paste_occluders(
+            image, amodal_lvis.stored_patches(record["occluders"]))
     h, w = image.shape[:2]
     obj = record["objects"]
 
@@ -100,6 +106,9 @@ def to_schema(record: dict[str, Any]) -> dict[str, Any]:
         return np.stack(items).astype(bool) if items else np.zeros((0, h, w), bool)
 
     source = record["source"]
+    n = len(np.asarray(obj["category_id"]).reshape(-1))
+    # Builds made before the schema had `order` read as "unknown".
+    order = np.asarray(obj["order"], np.int64).reshape(-1) if "order" in obj else None
     return {
         "image": image,
         "image_id": np.int64(record["image_id"]),
@@ -111,6 +120,7 @@ def to_schema(record: dict[str, Any]) -> dict[str, Any]:
             "visible_bbox": np.asarray(obj["visible_bbox"], np.float32).reshape(-1, 4),
             "category_id": np.asarray(obj["category_id"], np.int64).reshape(-1),
             "occlusion_rate": np.asarray(obj["occlusion_rate"], np.float32).reshape(-1),
+            "order": np.zeros(n, np.int64) if order is None else order,
         },
     }
 

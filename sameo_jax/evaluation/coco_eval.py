@@ -4,7 +4,8 @@ Ground truth comes from schema examples (see the data contract): each instance's
 is its COCO `segmentation` (RLE), with `area` = amodal mask area, `bbox` from the mask,
 `iscrowd` = 0 and its `category_id`. Two extra fields ride along for the occlusion breakdown:
 `visible_segmentation` (RLE) and `occlusion_rate`, plus `instance_index` (position in the
-example's objects), which pairs a GT-prompted prediction with its instance.
+example's objects), which pairs a GT-prompted prediction with its instance, and `order` (the
+release's depth rank, 1 = front; 0 = none).
 """
 
 from __future__ import annotations
@@ -72,10 +73,13 @@ class GroundTruthBuilder:
         visible = np.asarray(objects["visible_mask"], bool).reshape(-1, h, w)
         cats = np.asarray(objects["category_id"]).reshape(-1)
         rates = np.asarray(objects["occlusion_rate"], np.float32).reshape(-1)
-        if not (len(amodal) == len(visible) == len(cats) == len(rates)):
+        order = objects.get("order")
+        order = np.zeros(len(cats), np.int64) if order is None else np.asarray(order).reshape(-1)
+        if not (len(amodal) == len(visible) == len(cats) == len(rates) == len(order)):
             raise ValueError(
                 f"image_id {image_id}: objects disagree in length (amodal {len(amodal)}, "
-                f"visible {len(visible)}, category_id {len(cats)}, occlusion_rate {len(rates)})"
+                f"visible {len(visible)}, category_id {len(cats)}, occlusion_rate {len(rates)}, "
+                f"order {len(order)})"
             )
         for i in range(len(amodal)):
             area = int(amodal[i].sum())
@@ -96,6 +100,7 @@ class GroundTruthBuilder:
                     "visible_segmentation": mask_lib.encode_rle(visible[i]),
                     "occlusion_rate": float(rates[i]),
                     "instance_index": i,
+                    "order": int(order[i]),
                 }
             )
         return image_id

@@ -3,7 +3,8 @@
 A COCO *results* file is a JSON list of dicts. Detector files (the prompts SAMEO refines) need
 `image_id`, `category_id`, `bbox` (xywh, pixels) and `score`, and may carry a visible-mask
 `segmentation`. Segmentation results files (what SAMEO writes, what `--results` scores) need
-`image_id`, `category_id`, `segmentation` (RLE) and `score`.
+`image_id`, `category_id`, `segmentation` (RLE) and `score`, and may carry the visible mask
+of the same object as `visible_segmentation` (for occlusion order).
 
 Malformed entries never reach pycocotools: they are skipped, counted per problem in an
 `EntryReport`, and reported in one line each. A file with no usable entry is an error.
@@ -124,10 +125,12 @@ def read_json_list(path: str | os.PathLike) -> list[Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         data = data["annotations"]  # tolerate a COCO-style {"annotations": [...]} wrapper
     if not isinstance(data, list):
@@ -194,31 +197,16 @@ def _check_common(
     return image_id, category_id, score
 
 
-def check_segmentation(seg: Any, hw: tuple[int, int] | None) -> str | None:
-    """Returns why a COCO segmentation is unusable on an image of size `hw` = (H, W) (None:
-    size not checked), or None when it is fine."""
-    if isinstance(seg, dict):
-        if "counts" not in seg or "size" not in seg:
-            return f"RLE without 'counts'/'size' (keys {sorted(seg)})"
-        counts = seg["counts"]
-        if not isinstance(counts, (str, list)):
-            return f"RLE counts of type {type(counts).__name__}"
-        size = seg["size"]
-        if not (isinstance(size, list) and len(size) == 2):
-            return f"RLE size {size!r}"
-        if hw is not None and [int(v) for v in size] != list(hw):
-            return f"RLE size {size} but the image is {list(hw)}"
-        if isinstance(counts, list) and sum(int(c) for c in counts) != size[0] * size[1]:
-            return f"uncompressed RLE counts sum to {sum(counts)}, not {size[0] * size[1]}"
-        return None
-    if isinstance(seg, list):
-        for poly in seg:
-            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
-                return "a polygon that is not a flat list of >= 3 (x, y) pairs"
-            if any(_as_finite(v) is None for v in poly):
-                return "a polygon with non-finite coordinates"
-        return None
-    return f"segmentation of type {type(seg).__name__}"
+def check_segmentation(seg: Any, hw: tuple[int, int] | None) -> tuple[str, str] | None:
+    """(problem, detail) saying why a COCO segmentation is unusable on an image of size `hw` =
+    (H, W) (None: what needs no size), or None when it is fine. Problems are counted per
+    class (`masks.BadSegmentation.reason`), e.g. 'a bad segmentation (RLE counts do not sum
+    to H*W)'."""
+    try:
+        mask_lib.check_segmentation(seg, hw)
+    except mask_lib.BadSegmentation as e:
+        return f"a bad segmentation ({e.reason})", e.detail
+    return None
 
 
 def parse_detections(
@@ -265,9 +253,9 @@ def parse_detections(
         seg = entry.get("segmentation")
         if seg is not None:
             hw = None if image_sizes is None else image_sizes[image_id]
-            why = check_segmentation(seg, hw)
-            if why is not None:
-                report.skip(i, "a bad segmentation", why)
+            problem = check_segmentation(seg, hw)
+            if problem is not None:
+                report.skip(i, *problem)
                 continue
         box = box_lib.xywh_to_xyxy(np.asarray(values, np.float32))
         out.append(Detection(image_id, category_id, box, score, seg, i))
@@ -301,9 +289,9 @@ def parse_results(
         image_id, category_id, score = common
         hw = image_sizes[image_id]
         seg = entry["segmentation"]
-        why = check_segmentation(seg, hw)
-        if why is not None:
-            report.skip(i, "a bad segmentation", why)
+        problem = check_segmentation(seg, hw)
+        if problem is not None:
+            report.skip(i, *problem)
             continue
         if isinstance(seg, dict) and isinstance(seg["counts"], str):
             rle = {"size": [int(v) for v in seg["size"]], "counts": seg["counts"]}
@@ -318,6 +306,15 @@ def parse_results(
         gt_instance = _as_int(entry.get("gt_instance"))
         if gt_instance is not None:
             result["gt_instance"] = gt_instance
+        visible = entry.get("visible_segmentation")
+        if visible is not None:
+            why = check_segmentation(visible, hw)
+            if why is not None:
+                report.skip(i, "a bad visible_segmentation", why)
+                continue
+            # Kept as compressed RLE, whatever form it came in.
+            result["visible_segmentation"] = mask_lib.encode_rle(
+                mask_lib.decode_segmentation(visible, *hw))
         out.append(result)
     report.kept = len(out)
     if not out:

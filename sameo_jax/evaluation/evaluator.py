@@ -16,7 +16,14 @@ from typing import Any
 import jax
 
 from sameo_jax import distributed, visualize
-from sameo_jax.evaluation import coco_eval, coco_results, occlusion, pictures, runner
+from sameo_jax.evaluation import (
+    coco_eval,
+    coco_results,
+    occlusion,
+    order_accuracy,
+    pictures,
+    runner,
+)
 
 SPLITS = ("cocoa_cls", "d2sa", "kins", "cocoa", "demo")
 # The held-out split each data set is scored on by default, as the data sources name it
@@ -28,6 +35,9 @@ EVAL_SPLIT = {
     "cocoa": "validation",
     "demo": "test",
 }
+# The procedural scenes the demo model trains on (configs/sameo.py:demo, data.demo_*): 128 px,
+# objects 30-45% of the image side, occluded ones 30-70% hidden. A test keeps the two equal.
+DEMO_SCENES = {"image_size": 128, "object_size": (0.3, 0.45), "occlusion_range": (0.3, 0.7)}
 
 
 @dataclasses.dataclass
@@ -52,6 +62,8 @@ class EvalOptions:
     max_dets_per_image: int = 100
     batch_size: int = 8
     progress: bool = True
+    order: bool = False  # pairwise occlusion-order accuracy (needs visible masks)
+    visible_checkpoint: str | None = None  # visible decoder for --order ("auto" if None)
 
 
 def check_options(o: EvalOptions) -> None:
@@ -75,6 +87,9 @@ def check_options(o: EvalOptions) -> None:
         raise ValueError(f"--batch_size must be >= 1, got {o.batch_size}")
     if o.visualize < 0:
         raise ValueError(f"--visualize must be >= 0, got {o.visualize}")
+    if o.visible_checkpoint and (o.results or not o.order):
+        raise ValueError("--visible_checkpoint gives a model run's visible masks for --order; "
+                         "use it with --order and without --results")
 
 
 def run_tag(o: EvalOptions) -> str:
@@ -96,10 +111,19 @@ def output_paths(o: EvalOptions) -> dict[str, str]:
 
 
 def open_split(o: EvalOptions):
-    """The split's random-access source of schema examples."""
-    from sameo_jax.data.sources import open_source
+    """The split's random-access source of schema examples; 'demo' without --data_dir is the
+    procedural split rendered with DEMO_SCENES, the settings the demo model trains on."""
+    from sameo_jax.data.sources import DEMO_SPLITS, open_source
 
-    return open_source(o.split, o.data_split or EVAL_SPLIT[o.split], o.data_dir)
+    split = o.data_split or EVAL_SPLIT[o.split]
+    if o.split == "demo" and o.data_dir is None:
+        from sameo_jax.data.demo_scenes import DemoSource
+
+        if split not in DEMO_SPLITS:
+            raise ValueError(f"demo: unknown split {split!r}; known: {sorted(DEMO_SPLITS)}")
+        seed, size = DEMO_SPLITS[split]
+        return DemoSource(size, seed=seed, **DEMO_SCENES)
+    return open_source(o.split, split, o.data_dir)
 
 
 def score_results(coco_gt, results: list[dict[str, Any]], class_agnostic: bool
@@ -131,6 +155,29 @@ def format_tables(scores: Mapping[str, Mapping[str, Any]]) -> str:
             lines.append(f"{kind:<{width}}{level:>10}{row['num_instances']:>7}"
                          + "".join(f"{pct(v):>7}" for v in vals))
     return "\n".join(lines)
+
+
+def format_order(order: Mapping[str, Any]) -> str:
+    """The order accuracy as a table (percent): model and baselines, all pairs and per level."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    names = ("model", *order_accuracy.BASELINES)
+    lines = ["occlusion order (pairs of overlapping GT instances; accuracy %)",
+             f"{'pairs':<10}{'n':>7}" + "".join(f"{k:>8}" for k in names)]
+    for name, row in [("all", order), *order["levels"].items()]:
+        values = [row["accuracy"], *(row["baselines"][k] for k in order_accuracy.BASELINES)]
+        lines.append(f"{name:<10}{row['pairs']:>7}" + "".join(f"{pct(v):>8}" for v in values))
+    notes = [f"{order['unanswered']} pairs without two distinct paired predictions",
+             f"{order['overlapping_without_order']} overlapping pairs without a GT order"]
+    if order["results_without_visible"]:
+        notes.append(f"{order['results_without_visible']} results without "
+                     "visible_segmentation (not used)")
+    if order["release_order"] is not None:
+        r = order["release_order"]
+        notes.append(f"the release's depth ranks agree with the GT masks on "
+                     f"{pct(r['agreement'])}% of {r['pairs']} pairs")
+    return "\n".join(lines + notes)
 
 
 def evaluate(o: EvalOptions, predictor=None, source=None) -> dict[str, Any]:
@@ -173,6 +220,9 @@ def evaluate(o: EvalOptions, predictor=None, source=None) -> dict[str, Any]:
             unknown_image=("an image outside --max_images" if n < len(source)
                            else "an unknown image_id"),
         )
+        if o.order and not any("visible_segmentation" in r for r in clean):
+            raise ValueError(f"{o.results}: --order needs the visible masks: no usable entry "
+                             "carries a 'visible_segmentation' (RLE) beside 'segmentation'")
         all_results = {"results": clean}
     else:
         detections = None
@@ -186,13 +236,17 @@ def evaluate(o: EvalOptions, predictor=None, source=None) -> dict[str, Any]:
         if predictor is None:
             from sameo_jax.predictor import Predictor
 
+            visible = (o.visible_checkpoint or "auto") if o.order else None
             predictor = Predictor.from_checkpoint(o.checkpoint, o.variant,
+                                                  visible_checkpoint=visible,
                                                   devices=jax.local_devices())
+        if o.order:
+            predictor.require_visible("--order")
         count = jax.process_count()
         all_results = runner.run_split(
             predictor, source, range(jax.process_index(), n, count), prompts_for,
             candidate=o.candidate, batch_size=o.batch_size, on_example=gt.add,
-            progress=o.progress and primary,
+            progress=o.progress and primary, with_visible=o.order,
         )
         if count > 1:
             gt, all_results = _gather(gt, all_results, detections, n)
@@ -227,6 +281,11 @@ def evaluate(o: EvalOptions, predictor=None, source=None) -> dict[str, Any]:
         "scores": scores,
     }
     print(format_tables(scores))
+    if o.order:
+        # The score kinds share their masks: one order evaluation serves all of them.
+        results = next(iter(all_results.values()))
+        summary["order"] = order_accuracy.order_accuracy(coco_gt, results, agnostic)
+        print(format_order(summary["order"]))
     if o.json:
         coco_results.write_json(o.json, summary, overwrite=o.overwrite)
         print(f"wrote {o.json}")

@@ -4,6 +4,8 @@ All prompts of an image share one encoder pass; images are encoded in batches wi
 `Predictor.encode` (which spreads a batch over all devices). Every prediction gives two
 results that share one mask: scored by the prompt's detector score alone (`det`), and by the
 refined score det_score * predicted IoU (`refined`). GT prompts have detector score 1.
+With `with_visible`, the predictor's visible decoder runs on the same embedding and prompts,
+and each result also carries `visible_segmentation` (for occlusion order).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import tqdm
 
 from sameo_jax import boxes as box_lib
+from sameo_jax import masks as mask_lib
 from sameo_jax.evaluation import coco_eval, coco_results
 
 PROMPT_KINDS = ("gt_amodal", "gt_modal")
@@ -83,10 +86,12 @@ def image_results(
     prompts: ImagePrompts,
     masks: np.ndarray,
     predicted_iou: np.ndarray,
+    visible_masks: np.ndarray | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """One image's predictions -> {'det': results, 'refined': results} (same masks).
 
-    masks: [Q, H, W] bool; predicted_iou: [Q] float.
+    masks: [Q, H, W] bool; predicted_iou: [Q] float; visible_masks: optional [Q, H, W] bool,
+    written as `visible_segmentation`.
     """
     refined = refined_scores(prompts.det_scores, predicted_iou)
     out: dict[str, list[dict[str, Any]]] = {k: [] for k in SCORE_KINDS}
@@ -94,6 +99,8 @@ def image_results(
         extra = {"predicted_iou": round(float(predicted_iou[q]), 5)}
         if prompts.gt_instance[q] >= 0:
             extra["gt_instance"] = int(prompts.gt_instance[q])
+        if visible_masks is not None:
+            extra["visible_segmentation"] = mask_lib.encode_rle(visible_masks[q])
         det = coco_results.mask_result(
             image_id, int(prompts.category_ids[q]), masks[q], float(prompts.det_scores[q]),
             **extra,
@@ -104,8 +111,10 @@ def image_results(
 
 
 def predict_masks(predictor, image: np.ndarray, embedding, prompts: ImagePrompts,
-                  candidate: str = "best", chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Amodal masks for one image's prompts: ([Q, H, W] bool, [Q] predicted IoU).
+                  candidate: str = "best", chunk: int = 64, decoder: str = "amodal"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Amodal (or, with decoder='visible', visible) masks for one image's prompts:
+    ([Q, H, W] bool, [Q] predicted IoU).
 
     `candidate`: 'best' = best of the 3 multimask outputs by predicted IoU; 'single' = the
     single-mask output. Prompts go through the decoder `chunk` at a time.
@@ -119,6 +128,7 @@ def predict_masks(predictor, image: np.ndarray, embedding, prompts: ImagePrompts
             boxes=prompts.boxes[start : start + chunk],
             multimask=candidate == "best",
             best_only=True,
+            decoder=decoder,
         )
         masks.append(np.asarray(out.masks)[:, 0])
         ious.append(np.asarray(out.iou)[:, 0])
@@ -137,6 +147,7 @@ def run_split(
     batch_size: int = 8,
     on_example: Callable[[Mapping[str, Any]], None] | None = None,
     progress: bool = True,
+    with_visible: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Predicts amodal masks for every prompt of the chosen examples of `source`.
 
@@ -149,6 +160,7 @@ def run_split(
       batch_size: images per encoder call (spread over all devices by the predictor).
       on_example: called with every example read (e.g. to build the ground truth).
       progress: show a tqdm bar.
+      with_visible: also run the predictor's visible decoder (same embedding, same prompts).
 
     Returns:
       {'det': results, 'refined': results}: COCO segmentation results (RLE counts as str).
@@ -167,7 +179,12 @@ def run_split(
         embeddings = predictor.encode([np.asarray(ex["image"]) for ex, _ in pending])
         for j, (ex, prompts) in enumerate(pending):
             masks, ious = predict_masks(predictor, ex["image"], embeddings[j], prompts, candidate)
-            for kind, rs in image_results(int(ex["image_id"]), prompts, masks, ious).items():
+            visible = None
+            if with_visible:
+                visible = predict_masks(predictor, ex["image"], embeddings[j], prompts,
+                                        candidate, decoder="visible")[0]
+            for kind, rs in image_results(int(ex["image_id"]), prompts, masks, ious,
+                                          visible).items():
                 results[kind].extend(rs)
         pending.clear()
 
@@ -209,9 +226,9 @@ class DetectionPrompts:
         chosen = []
         for det in self.pending.pop(image_id, []):
             if det.segmentation is not None:
-                why = coco_results.check_segmentation(det.segmentation, hw)
-                if why is not None:
-                    self.report.skip(det.index, "a bad segmentation", why)
+                problem = coco_results.check_segmentation(det.segmentation, hw)
+                if problem is not None:
+                    self.report.skip(det.index, *problem)
                     continue
             chosen.append(det)
         if len(chosen) > self.max_per_image:

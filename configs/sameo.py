@@ -61,6 +61,9 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
     c.data.demo_object_size = (0.24, 0.38)
     c.data.demo_dual = True
     c.data.num_workers = 0  # grain worker processes (0: in the main process)
+    # (height, width) images are zero-padded to before the jitted step resizes them to the
+    # model frame; () is the model frame itself. A larger image is resized on the host.
+    c.data.image_pad_hw = ()
 
     # Prompts and targets.
     c.prompt_mode = "random"  # random: modal or amodal box with p=0.5 | modal | amodal

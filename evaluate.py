@@ -14,6 +14,10 @@ or from the results' `visible_segmentation`):
 A model run writes two COCO results files to --out_dir: the detector score alone
 (`*_det.json`) and the refined score det_score * predicted IoU (`*_refined.json`), and prints
 AP for both. The work is done by `sameo_jax.evaluation.evaluator.evaluate`.
+
+Several processes share the work when each runs the same command plus --distributed
+--coordinator_address=HOST:PORT --num_processes=P --process_id=I (on TPU pods and SLURM,
+--distributed alone); process 0 prints and writes the results of the whole split.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import sys
 
 from absl import app, flags, logging
 
+from sameo_jax import distributed
 from sameo_jax.evaluation import runner
 from sameo_jax.evaluation.evaluator import SPLITS, EvalOptions, evaluate
 
@@ -52,6 +57,12 @@ _MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Evaluate only the first 
 _MAX_DETS = flags.DEFINE_integer("max_dets_per_image", 100,
                                  "Run at most this many detections per image (top scores).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per encoder batch.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "One of several processes: start jax.distributed first.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
+                                   "HOST:PORT of process 0 (empty: cluster auto-detection).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _ORDER = flags.DEFINE_bool("order", False,
                            "Also score pairwise occlusion order against the area and y-axis "
                            "baselines (needs visible masks).")
@@ -81,6 +92,8 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep library INFO chatter off the console
     try:
+        if _DISTRIBUTED.value:
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         evaluate(options_from_flags())
     except (ValueError, OSError) as exc:  # bad inputs, unreadable or existing files
         sys.exit("error: " + " ".join(str(exc).split()))

@@ -8,7 +8,11 @@ only the mask decoder trains).
   python train.py --config configs/sameo.py:vitt --workdir DIR --config.init_checkpoint=PATH
   python train.py --config configs/sameo.py:demo --workdir DIR --config.lr=1e-4
 
-The same --workdir resumes from its latest checkpoint. A misspelt --config.key is an error.
+The same --workdir resumes from its latest checkpoint (on any number of devices or
+processes). A misspelt --config.key is an error. vitt/vits need --config.init_checkpoint
+(or --config.init_checkpoint=random). Several processes each run the same command plus
+  --config.distributed=True --config.coordinator_address=HOST:PORT \
+  --config.num_processes=P --config.process_id=I
 """
 
 from __future__ import annotations

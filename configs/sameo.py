@@ -7,6 +7,9 @@ Variants (the part after the colon):
   demo  a tiny model trained from scratch on the embedded procedural data set (no download):
         finishes on a 2-core CPU in a few minutes.
 
+vitt and vits need --config.init_checkpoint (they stop at once with an error otherwise);
+--config.init_checkpoint=random is the explicit request for random weights.
+
 Commands:
 
   python train.py --config configs/sameo.py:demo --workdir workdir_demo
@@ -15,7 +18,12 @@ Commands:
       --config.data.sources="('cocoa', 'kins')" --config.data.data_dir=data
   python train.py --config configs/sameo.py:vitt --workdir workdir_vitt --config.lr=1e-4
 
-Running a command again with the same --workdir resumes from its latest checkpoint.
+Running a command again with the same --workdir resumes from its latest checkpoint, on any
+number of devices or processes. Several processes (one per host, or several on one machine)
+each run the same command plus
+  --config.distributed=True --config.coordinator_address=HOST:PORT \
+  --config.num_processes=P --config.process_id=I
+(on TPU pods and SLURM, --config.distributed=True alone: JAX detects the rest).
 A key that does not exist (a typo) is an error. `trainable` holds regular expressions matched
 against the start of each parameter's '/'-joined path ('mask_decoder/iou_head/...').
 """
@@ -35,8 +43,8 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.variant = arg if arg != "demo" else "tiny"
     c.model.overrides = ml_collections.ConfigDict()
-    # Official EfficientSAM weights (.pt/.npz) or an orbax training directory. Required for
-    # vitt/vits; '' means random initialisation.
+    # Official EfficientSAM weights (.pt/.npz), a converted orbax directory or a training
+    # workdir. Required (unless the workdir resumes); 'random' asks for random weights.
     c.init_checkpoint = ""
     # What learns (SAMEO: the mask decoder only; the image and prompt encoders stay frozen).
     c.trainable = ("mask_decoder/",)
@@ -104,8 +112,12 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
     c.progress_bar = True
     c.async_checkpoints = True
 
-    # Multi-host: call jax.distributed.initialize() (cluster auto-detection) first.
+    # Several processes (hosts): start jax.distributed first. Unset coordinator_address,
+    # num_processes and process_id are left to JAX's cluster auto-detection (TPU pods, SLURM).
     c.distributed = False
+    c.coordinator_address = ""  # HOST:PORT of process 0's coordinator
+    c.num_processes = ml_collections.config_dict.placeholder(int)
+    c.process_id = ml_collections.config_dict.placeholder(int)
     # On a CPU, keep freed host memory for reuse (train.py; sameo_jax/host_memory.py): the
     # ViT-T step's ~1 GB of temporaries is otherwise page-faulted in afresh every step
     # (0.62x-0.67x the step time with it). It puts all threads on one malloc arena, which
@@ -116,6 +128,7 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
         # Random encoders carry no knowledge, so with no pretrained checkpoint everything
         # trains; give --config.init_checkpoint and --config.trainable="('mask_decoder/',)"
         # to run the SAMEO recipe (decoder-only) instead.
+        c.init_checkpoint = "random"
         c.trainable = (".*",)
         c.keep_freed_host_memory = False
         c.model.overrides.img_size = 128

@@ -30,6 +30,9 @@ from sameo_jax.state_dict_file import open_state_dict, printable
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "model_config"
+# The items of a training checkpoint (sameo_jax/training/checkpointing.py).
+_ARRAY_ITEMS = (PARAMS_ITEM, "opt_state", "train")
+_JSON_ITEMS = (CONFIG_ITEM, "config", "data")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -240,24 +243,46 @@ def save_params(params: Any, directory: str | os.PathLike, config: EfficientSamC
 
 
 def _restore_orbax(directory: pathlib.Path) -> tuple[EfficientSamConfig | None, Any]:
+    """The latest step's model config (None if not stored) and params (numpy), whatever mesh
+    or number of processes wrote them: the stored arrays are read whole onto this process's
+    first device (the saved shapes and dtypes are the restore target)."""
     import orbax.checkpoint as ocp
 
-    with ocp.CheckpointManager(directory) as manager:
+    # Every item a training step holds, so that orbax knows what it skips.
+    handlers = {name: ocp.StandardCheckpointHandler() for name in _ARRAY_ITEMS}
+    handlers.update({name: ocp.JsonCheckpointHandler() for name in _JSON_ITEMS})
+    with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
         step = manager.latest_step()
         if step is None:
             raise CheckpointError(f"{directory}: no checkpoint steps found in this directory")
         step_dir = pathlib.Path(manager.directory) / str(step)
         if not (step_dir / PARAMS_ITEM).is_dir():
             raise CheckpointError(f"{step_dir}: no '{PARAMS_ITEM}' item in this checkpoint")
-        wanted = {PARAMS_ITEM: ocp.args.StandardRestore()}
+        config = None
         if (step_dir / CONFIG_ITEM).exists():
-            wanted[CONFIG_ITEM] = ocp.args.JsonRestore()
-        restored = manager.restore(step, args=ocp.args.Composite(**wanted))
-    config = None
-    if CONFIG_ITEM in wanted and restored[CONFIG_ITEM] is not None:
-        config = EfficientSamConfig.from_dict(dict(restored[CONFIG_ITEM]))
+            saved = manager.restore(step, args=ocp.args.Composite(
+                **{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
+            if saved is not None:
+                config = EfficientSamConfig.from_dict(dict(saved))
+        metadata = manager.item_metadata(step)[PARAMS_ITEM]
+        stored = getattr(metadata, "tree", metadata)
+        if stored is None:
+            raise CheckpointError(f"{step_dir}: the '{PARAMS_ITEM}' item has no metadata")
+        # Nothing is read unless the stored shapes are the config's.
+        if config is not None and _shapes(stored) != _shapes(param_shapes(config)):
+            raise CheckpointError(f"{directory}: stored params do not match the stored model "
+                                  "config")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), stored)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
     params = jax.tree_util.tree_map(np.asarray, restored[PARAMS_ITEM])
     return config, params
+
+
+def _shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in _flatten(tree).items()}
 
 
 def load_model(path: str | os.PathLike, variant: str | None = None
@@ -279,9 +304,7 @@ def load_model(path: str | os.PathLike, variant: str | None = None
             config = model_config(variant)
         elif variant is not None and config.structure() != model_config(variant).structure():
             raise CheckpointError(f"{path}: the stored model is not {_pretty(variant)}")
-        expected = {k: tuple(v.shape) for k, v in _flatten(param_shapes(config)).items()}
-        got = {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
-        if expected != got:
+        if _shapes(params) != _shapes(param_shapes(config)):
             raise CheckpointError(f"{path}: stored params do not match the stored model config")
         return config, params
     state_dict = read_state_dict(path, variant)
@@ -335,7 +358,8 @@ def training_init_checkpoint(path: str | os.PathLike) -> str | None:
             **{TRAINING_CONFIG_ITEM: ocp.args.JsonRestore()}))
     config = restored[TRAINING_CONFIG_ITEM]
     value = config.get("init_checkpoint") if isinstance(config, dict) else None
-    return str(value) if isinstance(value, str) and value else None
+    # 'random' is train.py's request for random initial weights, not a checkpoint.
+    return str(value) if isinstance(value, str) and value not in ("", "random") else None
 
 
 def main(argv: list[str] | None = None) -> None:

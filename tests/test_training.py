@@ -1,4 +1,5 @@
-"""Training: freezing, the sharded step on 8 fake devices, resume, learning, clear errors."""
+"""Training: freezing, the sharded step on 8 fake devices, resume, learning, safe defaults,
+bounded steps in flight, flat memory, embedding-cache keys, clear errors."""
 
 from __future__ import annotations
 
@@ -190,6 +191,118 @@ def test_eight_devices_match_one_device(full_run, tmp_path):
     np.testing.assert_allclose(eight, one, rtol=1e-4)
 
 
+# ----------------------------------------------------------------------------- safe defaults
+
+
+def test_bare_design_card_config_stops_with_one_error_line(tmp_path):
+    """`train.py --config configs/sameo.py` without weights stops before any work: one
+    `error:` line naming what to pass, no traceback, nothing written."""
+    workdir = tmp_path / "wd"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/sameo.py", "--workdir", str(workdir)],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=120, cwd=REPO)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr[-2000:]
+    for needed in ("config.init_checkpoint", "efficient_sam_vitt.pt", "configs/sameo.py:demo",
+                   "--config.init_checkpoint=random"):
+        assert needed in errors[0]
+    assert not workdir.exists()
+
+
+def test_only_an_explicit_choice_starts_from_random_weights(tmp_path):
+    for variant in ("vitt", "vits"):
+        with pytest.raises(ValueError, match="config.init_checkpoint is not set"):
+            loop.check_start(get_config(variant), tmp_path)
+    loop.check_start(get_config("demo"), tmp_path)  # the demo says 'random' itself
+    random_vitt = get_config("vitt")
+    random_vitt.init_checkpoint = loop.RANDOM_INIT
+    loop.check_start(random_vitt, tmp_path)
+    (tmp_path / "checkpoints" / "1000").mkdir(parents=True)  # a run to resume
+    loop.check_start(get_config("vitt"), tmp_path)
+
+
+def test_init_checkpoint_compares_the_model_structure_only(tmp_path):
+    """An init checkpoint saved under other compute-only fields (chunking, fast paths,
+    dtype) loads; one of another structure is refused by field name."""
+    from sameo_jax.checkpoint import save_params
+
+    c = micro_config()
+    model_cfg = loop.build_model_config(c)
+    params = jax.device_get(loop.initial_params(c, model_cfg))
+    saved_cfg = dataclasses.replace(model_cfg, encoder_attention_chunk=7,
+                                    decoder_prompt_chunk=0, factored_upscale=False)
+    save_params(params, tmp_path / "init", saved_cfg)
+    c.init_checkpoint = str(tmp_path / "init")
+    loaded = jax.device_get(loop.initial_params(c, model_cfg))
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    c.model.overrides.embed_dim = 16
+    with pytest.raises(ValueError, match="embed_dim"):
+        loop.initial_params(c, loop.build_model_config(c))
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_at_most_two_steps_in_flight_and_progress_counts_completed_steps():
+    done = []
+    in_flight = loop._StepsInFlight(2, lambda step, m: done.append((step, m["loss"])))
+    for step in range(1, 6):
+        in_flight.add(step, {"loss": jnp.float32(step)})
+        # Adding step s waits for step s - 2: the host never runs further ahead.
+        assert [s for s, _ in done] == list(range(1, max(step - 1, 1)))
+    in_flight.drain()
+    assert done == [(s, float(s)) for s in range(1, 6)]
+    in_flight.add(6, {"loss": jnp.float32(np.nan)})
+    with pytest.raises(FloatingPointError, match="at step 6"):
+        in_flight.drain()
+
+
+def test_resident_memory_stays_flat(tmp_path):
+    """Host memory of a run at step 20 and at step 80 (after 60 more steps) is the same to
+    within 40 MB; a leak of one training batch a step would be 60 x 330 KB = 20 MB on top of
+    noise, one of the step's 100 KB of outputs 6 MB, so the bound is loose but a queue of
+    unfinished steps or metrics growing with the run would show in a longer one."""
+    c = micro_config(total_steps=80, log_every=20, async_checkpoints=False)
+    loop.train_and_evaluate(c, tmp_path)
+    records = {r["step"]: r for r in read_metrics(tmp_path)}
+    assert sorted(records) == [20, 40, 60, 80]
+    growth = records[80]["host_memory_gb"] - records[20]["host_memory_gb"]
+    assert growth < 0.04, [records[s]["host_memory_gb"] for s in sorted(records)]
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def test_embedding_cache_keeps_two_eval_sources_apart(tmp_path, monkeypatch):
+    """With two evaluation sources whose image keys coincide, cached embeddings give each
+    source its own numbers: those of the same run without the cache."""
+    from sameo_jax.data.demo_scenes import DemoSource
+    from sameo_jax.training import input_pipeline
+
+    def two_sources(config, split):
+        seed = 10 if split == config.data.train_split else 20
+        return {name: DemoSource(8, 64, seed + k) for k, name in enumerate(("a", "b"))}
+
+    monkeypatch.setattr(input_pipeline, "open_sources", two_sources)
+    results = {}
+    for cached in (False, True):
+        workdir = tmp_path / str(cached)
+        loop.train_and_evaluate(
+            micro_config(total_steps=1, lr=0.0, eval_every=0, cache_embeddings=cached), workdir)
+        results[cached] = {k: v for r in read_metrics(workdir) for k, v in r.items()
+                           if k.startswith("eval/")}
+    for source in ("a", "b"):
+        assert results[True][f"eval/{source}/num_instances"] > 0
+        for key in ("amodal_iou", "amodal_iou_occluded"):
+            name = f"eval/{source}/{key}"
+            np.testing.assert_allclose(results[True][name], results[False][name], rtol=1e-5)
+    assert results[True]["eval/a/amodal_iou"] != results[True]["eval/b/amodal_iou"]
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -219,7 +332,7 @@ def test_nan_loss_stops_with_step_and_good_checkpoint(tmp_path):
     params = loop.initial_params(c, model_cfg)
     labels = optimizer.trainable_labels(params, c.trainable)
     tx = optimizer.make_optimizer(c, labels)
-    restored = ckpt.restore(abstract_like(TrainState.create(params, tx, 0)), model_cfg, None)
+    restored = ckpt.restore(abstract_like(TrainState.create(params, tx, 0)), model_cfg)
     ckpt.close()
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.params))
     records = read_metrics(tmp_path)
@@ -236,12 +349,12 @@ def test_resume_ignores_compute_only_fields_and_rejects_another_model(tmp_path):
     tx = optimizer.make_optimizer(c, optimizer.trainable_labels(params, c.trainable))
     state = TrainState.create(params, tx, 0)
     ckpt = TrainCheckpointer(tmp_path, 2, async_save=False)
-    ckpt.save(state, model_cfg, c, None)
+    ckpt.save(state, model_cfg, c)
     ckpt.wait()
     like = abstract_like(state)
     compute_only = dataclasses.replace(model_cfg, decoder_prompt_chunk=0,
                                        factored_upscale=not model_cfg.factored_upscale)
-    restored = ckpt.restore(like, compute_only, None)
+    restored = ckpt.restore(like, compute_only)
     np.testing.assert_array_equal(
         restored.params["mask_decoder"]["iou_token"], params["mask_decoder"]["iou_token"])
     # A config saved by an older version, without the newest compute-only field.
@@ -250,9 +363,9 @@ def test_resume_ignores_compute_only_fields_and_rejects_another_model(tmp_path):
     old = json.loads(saved.read_text())
     del old["factored_upscale"]
     saved.write_text(json.dumps(old))
-    ckpt.restore(like, model_cfg, None)
+    ckpt.restore(like, model_cfg)
     with pytest.raises(ValueError, match="embed_dim"):
-        ckpt.restore(like, dataclasses.replace(model_cfg, embed_dim=64), None)
+        ckpt.restore(like, dataclasses.replace(model_cfg, embed_dim=64))
     ckpt.close()
 
 

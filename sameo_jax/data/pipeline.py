@@ -3,18 +3,20 @@
 API
     make_train_dataset(sources, *, batch_size, image_size, mask_size, instances_per_image,
                        prompt_mode="random", box_jitter=0.0, mixture="log_proportional",
-                       seed=0, worker_count=0, read_threads=0, ...) -> grain.IterDataset
+                       seed=0, start=0, process_index=0, process_count=1, worker_count=0,
+                       read_threads=0, ...) -> grain.IterDataset
     make_train_loader(...same...) -> grain.DatasetIterator   # = iter(make_train_dataset(...))
     make_eval_loader(source, *, batch_size, image_size, mask_size, instances_per_image,
-                     prompt_mode="modal", ...) -> Iterator[batch]   # one ordered pass
+                     prompt_mode="modal", process_index=0, process_count=1, ...)
+        -> Iterator[batch]   # one ordered pass (over this process's examples)
     to_global_batch(batch, sharding) -> pytree of jax.Array   # place a host batch on devices
     prepare_example(example, rng, *, image_size, mask_size, instances_per_image, ...)
 
 Sources are anything random-access (`len`, `[i]` -> example in the project schema):
 `sameo_jax.data.sources.open_source(...)` for built TFDS data, or `DemoSource`.
 
-Training batch (numpy, host-local; B = batch_size, S = image_size, N = instances_per_image,
-L = mask_size):
+Training batch (numpy, host-local; B = batch_size // process_count, S = image_size,
+N = instances_per_image, L = mask_size):
     'image'            uint8   [B, S, S, 3]  preprocessing.resize_image (bilinear, no
                                              antialias, aspect not kept), rounded to uint8
     'image_key'        int32   [B]           offset of the source + index in it (offsets: the
@@ -44,10 +46,14 @@ Mixing: one shuffled, repeated stream per source, mixed per element by
 mapping name -> weight). Batches are made before the iterator, so each of the
 `read_threads` threads (0: synchronous) and `worker_count` processes builds whole batches.
 
-Determinism and resuming: every batch is a pure function of (seed, batch index), whatever
-the number of workers. `it.get_state()` is a small JSON-serialisable dict and
-`it.set_state(state)` resumes exactly there (the state's layout depends on worker_count:
-resume with the same worker_count). With orbax, save it beside the train state:
+Determinism and resuming: the training examples form one global stream, a pure function of
+(seed, position in the stream), whatever the number of workers or processes; global batch k
+is examples [start + k * batch_size, start + (k + 1) * batch_size) of it, and each process
+prepares only its own contiguous share of those rows. So a run that has consumed `start`
+examples resumes, on any number of processes and with any batch size, by building the
+dataset with that `start`. Within one setup, `it.get_state()` is a small JSON-serialisable
+dict and `it.set_state(state)` resumes exactly there (the state's layout depends on
+worker_count: resume with the same worker_count). With orbax, save it beside the train state:
     Save = grain.checkpoint.CheckpointSave; Restore = grain.checkpoint.CheckpointRestore
     mgr.save(step, args=ocp.args.Composite(state=..., data=Save(it)))
     mgr.restore(step, args=ocp.args.Composite(state=..., data=Restore(it)))
@@ -255,6 +261,9 @@ def make_train_dataset(
     box_jitter: float = 0.0,
     mixture: str | Mapping[str, float] = "log_proportional",
     seed: int = 0,
+    start: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
     worker_count: int = 0,
     worker_buffer_size: int = 2,
     read_threads: int = 0,
@@ -263,8 +272,11 @@ def make_train_dataset(
 ) -> grain.IterDataset:
     """Infinite, shuffled, mixed stream of training batches (see the module docstring).
 
-    sources: name -> random-access source of schema examples. Returns a grain IterDataset;
-    `iter()` of it is a DatasetIterator with get_state / set_state.
+    sources: name -> random-access source of schema examples. batch_size is the global batch;
+    this process gets rows [process_index * b, (process_index + 1) * b) of each, b =
+    batch_size // process_count. start: the global stream's first example (the number of
+    examples consumed so far). Returns a grain IterDataset; `iter()` of it is a
+    DatasetIterator with get_state / set_state.
     """
     if prompt_mode not in PROMPT_MODES:
         raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
@@ -293,8 +305,16 @@ def make_train_dataset(
             instances_per_image=instances_per_image, prompt_mode=prompt_mode,
             amodal_prompt_prob=amodal_prompt_prob, box_jitter=box_jitter, image_key=key)
 
+    if not 0 <= process_index < process_count or batch_size % process_count:
+        raise ValueError(f"pipeline: batch_size {batch_size} does not split among "
+                         f"{process_count} processes (process {process_index})")
+    if start < 0:
+        raise ValueError(f"pipeline: start must be >= 0, got {start}")
+    # Element i of the global stream is the same example with the same randomness whatever
+    # the number of processes; each process reads only its own rows of every global batch.
     ds = mixed.map(keyed.load).random_map(prepare, seed=_sub_seed(seed, 3))
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds[start:].batch(batch_size // process_count, drop_remainder=True)
+    ds = ds[process_index::process_count]
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                  prefetch_buffer_size=prefetch_batches))
     if worker_count > 0:
@@ -323,8 +343,13 @@ def make_eval_loader(
     image_key_offset: int = 0,
     limit: int | None = None,
     read_threads: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over a source in order, no randomness; every usable instance exactly once.
+
+    With several processes, process p reads examples p, p + P, p + 2P, ... (P =
+    process_count); together they cover the source once, each in batches of `batch_size`.
 
     An image with more than N usable instances fills several consecutive rows (same image,
     next N instances). The last batch is completed with all-invalid rows. Batches carry
@@ -356,7 +381,9 @@ def make_eval_loader(
             out.append(row)
         return out
 
-    ds = grain.MapDataset.range(n).map(rows).to_iter_dataset(
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    ds = grain.MapDataset.range(process_index, n, process_count).map(rows).to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4))
     return _batched(iter(ds), batch_size)
 

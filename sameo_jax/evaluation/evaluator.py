@@ -1,5 +1,10 @@
 """One evaluation run, as evaluate.py performs it: read a split, run SAMEO (or read a results
-file), write COCO results files, score them, print tables, write metrics JSON and pictures."""
+file), write COCO results files, score them, print tables, write metrics JSON and pictures.
+
+With several processes (jax.distributed), process p runs the model on examples p, p + P, ...
+on its own devices; process 0 gathers the ground truth and results in the split's order, so
+it scores, prints and writes exactly what one process would have.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from sameo_jax import visualize
+import jax
+
+from sameo_jax import distributed, visualize
 from sameo_jax.evaluation import (
     coco_eval,
     coco_results,
@@ -182,7 +189,8 @@ def evaluate(o: EvalOptions, predictor=None, source=None) -> dict[str, Any]:
       source: a random-access source of schema examples to use instead of --split's data.
 
     Raises ValueError / FileExistsError / FileNotFoundError with a one-line message on bad
-    settings or inputs, before any model work where that can be known.
+    settings or inputs, before any model work where that can be known. With several processes,
+    every one calls it; process 0 returns the summary, the others an empty dict.
     """
     check_options(o)
     if o.results is None and predictor is None and not o.checkpoint:
@@ -200,6 +208,9 @@ def evaluate(o: EvalOptions, predictor=None, source=None) -> dict[str, Any]:
     gt = coco_eval.GroundTruthBuilder(class_agnostic=o.class_agnostic)
     reports: dict[str, coco_results.EntryReport] = {}
 
+    primary = distributed.is_primary()
+    if o.results and not primary:
+        return {}  # scoring a file is process 0's alone
     if o.results:
         for i in range(n):
             gt.add(source[i])
@@ -227,14 +238,20 @@ def evaluate(o: EvalOptions, predictor=None, source=None) -> dict[str, Any]:
 
             visible = (o.visible_checkpoint or "auto") if o.order else None
             predictor = Predictor.from_checkpoint(o.checkpoint, o.variant,
-                                                  visible_checkpoint=visible)
+                                                  visible_checkpoint=visible,
+                                                  devices=jax.local_devices())
         if o.order:
             predictor.require_visible("--order")
+        count = jax.process_count()
         all_results = runner.run_split(
-            predictor, source, range(n), prompts_for, candidate=o.candidate,
-            batch_size=o.batch_size, on_example=gt.add, progress=o.progress,
-            with_visible=o.order,
+            predictor, source, range(jax.process_index(), n, count), prompts_for,
+            candidate=o.candidate, batch_size=o.batch_size, on_example=gt.add,
+            progress=o.progress and primary, with_visible=o.order,
         )
+        if count > 1:
+            gt, all_results = _gather(gt, all_results, detections, n)
+            if not primary:
+                return {}
         if detections is not None:
             reports["detections"] = detections.finish()
             _warn_unknown_categories(o, detections, gt)
@@ -275,6 +292,51 @@ def evaluate(o: EvalOptions, predictor=None, source=None) -> dict[str, Any]:
     if o.visualize:
         write_pictures(o, source, min(o.visualize, n), all_results)
     return summary
+
+
+def _gather(gt: coco_eval.GroundTruthBuilder, results: dict[str, list[dict[str, Any]]],
+            detections: runner.DetectionPrompts | None, n: int
+            ) -> tuple[coco_eval.GroundTruthBuilder, dict[str, list[dict[str, Any]]]]:
+    """Every process's share -> on process 0, the ground truth and results of all n examples
+    in the split's order (example i was process i % P's (i // P)-th); elsewhere the inputs.
+
+    A collective: every process calls it once.
+    """
+    share = {"images": gt.images, "annotations": gt.annotations, "results": results,
+             "empty": gt.num_empty_skipped, "has_classes": gt.has_classes,
+             "detections": detections.share() if detections is not None else None}
+    parts = distributed.allgather_objects(share)
+    if not distributed.is_primary():
+        return gt, results
+
+    def by_image(items: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+        grouped: dict[int, list[dict[str, Any]]] = {}
+        for item in items:
+            grouped.setdefault(int(item["image_id"]), []).append(item)
+        return grouped
+
+    annotations = [by_image(p["annotations"]) for p in parts]
+    predictions = [{k: by_image(rs) for k, rs in p["results"].items()} for p in parts]
+    merged = coco_eval.GroundTruthBuilder(class_agnostic=gt.class_agnostic)
+    merged_results: dict[str, list[dict[str, Any]]] = {k: [] for k in results}
+    for i in range(n):
+        p = i % len(parts)
+        image = parts[p]["images"][i // len(parts)]
+        if image["id"] in merged.image_sizes:
+            raise ValueError(f"duplicate image_id {image['id']} in the evaluated examples")
+        merged.images.append(image)
+        merged.image_sizes[image["id"]] = (image["height"], image["width"])
+        for a in annotations[p].get(image["id"], []):
+            merged.annotations.append({**a, "id": len(merged.annotations) + 1})
+        for kind in merged_results:
+            merged_results[kind].extend(predictions[p][kind].get(image["id"], []))
+    merged.num_empty_skipped = sum(p["empty"] for p in parts)
+    merged.has_classes = any(p["has_classes"] for p in parts)
+    if detections is not None:
+        others = parts[1:]
+        detections.merge([p["detections"] for p in others],
+                         [im["id"] for p in others for im in p["images"]])
+    return merged, merged_results
 
 
 def _warn_unknown_categories(o: EvalOptions, detections: runner.DetectionPrompts,

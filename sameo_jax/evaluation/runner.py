@@ -244,6 +244,22 @@ class DetectionPrompts:
         self.num_run += len(prompts)
         return prompts
 
+    def share(self) -> dict[str, Any]:
+        """What this process learnt (JSON-able), for `merge` on another process."""
+        return {"problems": dict(self.report.problems), "examples": self.report.examples,
+                "num_run": self.num_run}
+
+    def merge(self, shares: Sequence[Mapping[str, Any]], read_elsewhere: Iterable[int]) -> None:
+        """Adds what other processes learnt from their images (`share()` of each), and drops
+        the images they read (`read_elsewhere`, their image ids) from those never read."""
+        for share in shares:
+            for problem, count in share["problems"].items():
+                self.report.problems[problem] += count
+                self.report.examples.setdefault(problem, share["examples"][problem])
+            self.num_run += share["num_run"]
+        for image_id in read_elsewhere:
+            self.pending.pop(int(image_id), None)
+
     def finish(self) -> coco_results.EntryReport:
         """Counts the detections of images that were never read; returns the report."""
         problem = "an image outside --max_images" if self.limited else "an unknown image_id"

@@ -1,8 +1,9 @@
 """Frozen-encoder embedding cache: each image is encoded once, then reused.
 
 Valid only while the image encoder does not train (checked by the caller). Embeddings live in
-host memory as float32 numpy arrays keyed by (source, image_key): E*E*D*4 bytes per image
-(4 MiB for ViT-T/S at 1024 px, 64 KiB for the tiny demo model).
+host memory as float32 numpy arrays keyed by (namespace, image_key), the namespace naming the
+stream the keys index (e.g. ('eval', source, split)): E*E*D*4 bytes per image (4 MiB for
+ViT-T/S at 1024 px, 64 KiB for the tiny demo model).
 """
 
 from __future__ import annotations
@@ -46,13 +47,11 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._store)
 
-    def embeddings(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """batch: host-local 'image' uint8 [B, S, S, 3], 'image_key' int [B] (and optionally
-        'source' [B] str) -> float32 [B, E, E, D]."""
-        keys = [int(k) for k in np.asarray(batch["image_key"]).reshape(-1)]
-        sources = batch.get("source")
-        if sources is not None:
-            keys = [(str(s), k) for s, k in zip(np.asarray(sources).reshape(-1), keys, strict=True)]
+    def embeddings(self, batch: dict[str, np.ndarray], namespace: Hashable) -> np.ndarray:
+        """batch: host-local 'image' uint8 [B, S, S, 3], 'image_key' int [B] (unique within
+        `namespace`: one source's split, or a mixed stream's global keys) -> float32
+        [B, E, E, D]."""
+        keys = [(namespace, int(k)) for k in np.asarray(batch["image_key"]).reshape(-1)]
         missing = [i for i, k in enumerate(keys) if k not in self._store]
         if missing:
             # Encode the whole batch (one fixed shape, one compilation) and keep the misses.

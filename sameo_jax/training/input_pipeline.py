@@ -1,7 +1,8 @@
 """The training loop's input: config.data -> sources -> `sameo_jax.data.pipeline` loaders.
 
 Batches follow the training-batch schema (numpy, this process's share of the global batch);
-see `sameo_jax.data.pipeline`.
+see `sameo_jax.data.pipeline`. Training batches split each global batch among the processes;
+evaluation splits the examples.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def _mixture(config: ml_collections.ConfigDict) -> str | dict[str, float]:
     return dict(zip(config.data.sources, weights, strict=True))
 
 
-def _per_process_batch(config: ml_collections.ConfigDict) -> int:
+def per_process_batch(config: ml_collections.ConfigDict) -> int:
+    """This process's rows of each global batch: config.batch_size // processes."""
     if config.batch_size % jax.process_count():
         raise ValueError(
             f"config.batch_size={config.batch_size} must divide by the {jax.process_count()} "
@@ -77,22 +79,27 @@ def _per_process_batch(config: ml_collections.ConfigDict) -> int:
     return config.batch_size // jax.process_count()
 
 
-def train_iterator(config: ml_collections.ConfigDict, model_cfg: EfficientSamConfig) -> Iterator:
-    """Endless, shuffled, mixed, resumable (get_state / set_state) training batches.
+def train_iterator(
+    config: ml_collections.ConfigDict, model_cfg: EfficientSamConfig, start: int = 0
+) -> Iterator:
+    """Endless, shuffled, mixed training batches: this process's rows of each global batch.
 
-    Each process draws its own stream (its seed folds in the process index).
+    The global stream is one, drawn from config.seed, whatever the number of processes;
+    `start` is the number of its examples already consumed (the position to resume from).
     """
-    seed = config.seed if jax.process_count() == 1 else config.seed * 100_003 + jax.process_index()
     return pipeline.make_train_loader(
         open_sources(config, config.data.train_split),
-        batch_size=_per_process_batch(config),
+        batch_size=config.batch_size,
         image_size=model_cfg.img_size,
         mask_size=model_cfg.low_res_size,
         instances_per_image=config.instances_per_image,
         prompt_mode=config.prompt_mode,
         box_jitter=config.box_jitter,
         mixture=_mixture(config),
-        seed=seed,
+        seed=config.seed,
+        start=start,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
         worker_count=config.data.num_workers,
     )
 
@@ -100,24 +107,26 @@ def train_iterator(config: ml_collections.ConfigDict, model_cfg: EfficientSamCon
 def eval_passes(
     config: ml_collections.ConfigDict, model_cfg: EfficientSamConfig
 ) -> dict[str, Callable[[], Iterator[dict[str, np.ndarray]]]]:
-    """name -> function giving one ordered pass over that source's eval split (fixed
-    `eval_prompt_mode` prompts), as this process's rows of each global batch."""
-    per_process = _per_process_batch(config)
-    lo = jax.process_index() * per_process
+    """name -> function giving one ordered pass over this process's share of that source's
+    eval split (fixed `eval_prompt_mode` prompts), in batches of `per_process_batch` rows.
+
+    Process p reads examples p, p + P, ...: together the processes cover the split once.
+    """
     limit = config.data.eval_examples or None
 
     def passes(source: Any) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
         def one_pass() -> Iterator[dict[str, np.ndarray]]:
-            for batch in pipeline.make_eval_loader(
+            return pipeline.make_eval_loader(
                 source,
-                batch_size=config.batch_size,
+                batch_size=per_process_batch(config),
                 image_size=model_cfg.img_size,
                 mask_size=model_cfg.low_res_size,
                 instances_per_image=config.instances_per_image,
                 prompt_mode=config.eval_prompt_mode,
                 limit=limit,
-            ):
-                yield {k: v[lo : lo + per_process] for k, v in batch.items()}
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
 
         return one_pass
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 from collections.abc import Mapping
 
@@ -11,6 +12,16 @@ import jax
 from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def resident_memory_gb() -> float:
+    """This process's resident set size in GB (Linux /proc; NaN where that is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
 class MetricsWriter:

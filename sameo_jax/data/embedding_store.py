@@ -35,7 +35,6 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from sameo_jax.models.config import EfficientSamConfig
 from sameo_jax.preprocessing import PIXEL_MEAN, PIXEL_STD
 
 FORMAT = "sameo-embedding-cache"
@@ -68,9 +67,10 @@ def params_digest(params: Any) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model_cfg: EfficientSamConfig, encoder_params: Any) -> dict[str, Any]:
-    """What the embeddings depend on: the encoder's weights (digest) and structure, and the
-    preprocessing (model frame, resize convention, normalisation)."""
+def fingerprint(model_cfg: Any, encoder_params: Any) -> dict[str, Any]:
+    """What the embeddings depend on: the encoder's weights (digest) and structure (fields of
+    the EfficientSamConfig `model_cfg`), and the preprocessing (model frame, resize
+    convention, normalisation)."""
     config = dataclasses.asdict(model_cfg)
     return {
         "encoder_weights_sha256": params_digest(encoder_params),

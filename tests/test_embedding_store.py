@@ -39,9 +39,8 @@ def _config(**data):
 
 def _write(config, params, out, **kw):
     model_cfg = loop.build_model_config(config)
-    return embed.write_embeddings(config, model_cfg, params, out, ["train"],
-                                  input_pipeline.open_sources, shard_size=SHARD, batch_size=4,
-                                  **kw)
+    return embed.write_embeddings(config, model_cfg, params, out, ["train"], shard_size=SHARD,
+                                  batch_size=4, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +82,7 @@ def test_cached_embeddings_give_the_encoders_loss(written):
     # embeddings of other images (the tiny random decoder barely depends on its input, so
     # that difference sets the scale).
     hw = np.tile(np.asarray(images.shape[1:3], np.int32), (8, 1))
-    padded = {"image": np.pad(images, ((0, 0), (0, 0), (0, 16), (0, 0))), "image_hw": hw}
+    padded = {"image": np.pad(images, ((0, 0), (0, 0), (0, 16), (0, 0))), "pixels_hw": hw}
     common = {k: batch[k] for k in ("prompt_boxes", "amodal_masks", "visible_masks", "valid")}
 
     @jax.jit
@@ -191,3 +190,93 @@ def test_damaged_files_are_named(written, tmp_path, name, damage, message):
     with pytest.raises(CacheError, match=message) as e:
         EmbeddingStore(out).reader("demo", "train").get(9)
     assert str(path) in str(e.value)
+
+
+class _Logged(pipeline.DecodedExample):
+    """A decoded example that logs what the pipeline asks it to decode."""
+
+    def __init__(self, example, index, log):
+        super().__init__(example)
+        self.index, self.log = index, log
+
+    def image(self):
+        self.log.append(("image", self.index))
+        return super().image()
+
+    def masks(self, kind, indices):
+        self.log.append((kind, self.index, tuple(int(i) for i in indices)))
+        return super().masks(kind, indices)
+
+
+class _LoggedSource:
+    """A source of records (like a built data set) that logs every decode."""
+
+    def __init__(self, source):
+        self.source, self.log = source, []
+
+    def __len__(self):
+        return len(self.source)
+
+    def record(self, index):
+        return _Logged(self.source[index], index, self.log)
+
+
+def test_loader_reads_the_cache_and_decodes_only_what_it_needs(written):
+    config, params, out = written
+    model_cfg = loop.build_model_config(config)
+    demo = input_pipeline.open_sources(config, "train")["demo"]
+    reader = EmbeddingStore(out, _fingerprint(config, params)).reader("demo", "train")
+    kw = dict(batch_size=4, image_size=model_cfg.img_size, mask_size=model_cfg.low_res_size,
+              instances_per_image=2, seed=3)
+    plain, cached = _LoggedSource(demo), _LoggedSource(demo)
+    padded = pipeline.make_train_loader({"demo": plain}, image_pad_hw=(80, 96), **kw)
+    from_cache = pipeline.make_train_loader({"demo": cached}, embeddings={"demo": reader}, **kw)
+    for _ in range(3):
+        a, b = next(padded), next(from_cache)
+        assert a["image"].shape == (4, 80, 96, 3) and "embedding" not in a
+        np.testing.assert_array_equal(a["pixels_hw"], np.full((4, 2), 80))
+        assert "image" not in b and "pixels_hw" not in b
+        for key in set(a) - {"image", "pixels_hw"}:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        want = np.stack([reader.get(int(k)) for k in b["image_key"]])
+        np.testing.assert_array_equal(b["embedding"].view(np.uint16), want.view(np.uint16))
+    # No image decoded from the cache; only the used instances' masks (at most 2 of up to 4).
+    assert not [e for e in cached.log if e[0] == "image"]
+    assert {e for e in cached.log if e[0] != "image"} == {
+        e for e in plain.log if e[0] != "image"}
+    assert all(len(e[2]) <= 2 for e in cached.log)
+    assert max(len(demo[i]["objects"]["category_id"]) for i in range(len(demo))) > 2
+
+    # Evaluation: one ordered pass, the same rows from the cache.
+    eval_kw = dict(batch_size=3, image_size=model_cfg.img_size,
+                   mask_size=model_cfg.low_res_size, instances_per_image=2)
+    rows = list(pipeline.make_eval_loader(demo, image_pad_hw=(80, 80), **eval_kw))
+    logged = _LoggedSource(demo)
+    cached_rows = list(pipeline.make_eval_loader(logged, embeddings=reader, **eval_kw))
+    assert len(rows) == len(cached_rows) and not [e for e in logged.log if e[0] == "image"]
+    for a, b in zip(rows, cached_rows, strict=True):
+        for key in set(a) - {"image", "pixels_hw"}:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+class _Renumbered(_LoggedSource):
+    """The same scenes under other image ids: data the cache was not made of."""
+
+    def record(self, index):
+        record = super().record(index)
+        record.image_id += 1000
+        return record
+
+
+def test_cache_of_other_data_is_refused_by_the_loader(written):
+    config, params, out = written
+    demo = input_pipeline.open_sources(config, "train")["demo"]
+    reader = EmbeddingStore(out).reader("demo", "train")
+    kw = dict(batch_size=4, image_size=64, mask_size=16, instances_per_image=2)
+    with pytest.raises(ValueError, match=r"source 'demo' example \d+: image id 10\d\d, but the "
+                                         f"embedding cache {out}/demo/train holds image id"):
+        next(pipeline.make_train_loader({"demo": _Renumbered(demo)},
+                                        embeddings={"demo": reader}, **kw))
+    with pytest.raises(ValueError, match="holds 20 examples, source 'demo' has 8"):
+        pipeline.make_train_loader({"demo": input_pipeline.open_sources(config, "validation")[
+            "demo"]}, embeddings={"demo": reader}, **kw)

@@ -26,21 +26,9 @@ from sameo_jax.data import embedding_store
 from sameo_jax.models.config import EfficientSamConfig
 from sameo_jax.models.efficient_sam import EfficientSam
 from sameo_jax.preprocessing import normalize_image, pad_image, resize_padded
+from sameo_jax.training import input_pipeline
 
 Encoder = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def image_pad_hw(config: ml_collections.ConfigDict, model_cfg: EfficientSamConfig
-                 ) -> tuple[int, int]:
-    """(P, Q) that images are padded to before the device resize: config.data.image_pad_hw,
-    or the model frame (S, S) when it is empty."""
-    pad = tuple(int(x) for x in config.data.image_pad_hw)
-    if not pad:
-        return model_cfg.img_size, model_cfg.img_size
-    if len(pad) != 2 or min(pad) < model_cfg.img_size:
-        raise ValueError(f"config.data.image_pad_hw={pad}: give (height, width), each at least "
-                         f"the model frame {model_cfg.img_size}, or () for the model frame")
-    return pad
 
 
 def local_encoder(model: EfficientSam, encoder_params: Any) -> tuple[Encoder, int]:
@@ -123,7 +111,6 @@ def write_embeddings(
     params: Any,
     out_dir: str | os.PathLike,
     splits: Sequence[str],
-    open_sources: Callable[[ml_collections.ConfigDict, str], dict[str, Any]],
     *,
     shard_size: int = 64,
     batch_size: int = 8,
@@ -132,8 +119,8 @@ def write_embeddings(
     """Writes this process's unwritten shards of every source of config.data.sources for each
     split; returns '<source>/<split>' -> examples this process wrote.
 
-    params: the model's parameters (their 'image_encoder' is what is cached).
-    open_sources(config, split): name -> random-access source of that split.
+    params: the model's parameters (their 'image_encoder' is what is cached). threads: image
+    decoding threads (default: the cores).
     """
     model = EfficientSam(model_cfg)
     encoder_params = params["image_encoder"]
@@ -143,12 +130,12 @@ def write_embeddings(
                                                   (e, e, model_cfg.embed_dim))
     encode, multiple = local_encoder(model, encoder_params)
     batch_size = -(-max(int(batch_size), 1) // multiple) * multiple
-    pad_hw = image_pad_hw(config, model_cfg)
+    pad_hw = input_pipeline.image_pad_hw(config, model_cfg)
     threads = threads or os.cpu_count() or 1
     written = {}
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for split in splits:
-            for name, source in open_sources(config, split).items():
+            for name, source in input_pipeline.open_sources(config, split).items():
                 writer = store.writer(name, split, len(source), shard_size, repr(source))
                 todo = writer.pending(jax.process_index(), jax.process_count())
                 key = f"{name}/{split}"

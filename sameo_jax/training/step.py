@@ -44,9 +44,9 @@ def _target_masks(batch: Batch, target: str) -> jax.Array:
 
 def model_images(batch: Batch, size: int) -> jax.Array:
     """The batch's 'image' in the model frame, [B, size, size, 3] float32 in [0, 255]: resized
-    here (`resize_padded`) when the batch carries 'image_hw', else already size x size."""
-    if "image_hw" in batch:
-        return resize_padded(batch["image"], batch["image_hw"], size)
+    here (`resize_padded`) when the batch carries 'pixels_hw', else already size x size."""
+    if "pixels_hw" in batch:
+        return resize_padded(batch["image"], batch["pixels_hw"], size)
     return batch["image"]
 
 
@@ -93,7 +93,7 @@ def make_train_step(
     """Returns jitted `train_step(state, batch) -> (new_state, metrics)`; `state` is donated.
 
     batch (training-batch schema): 'image' uint8 [B, S, S, 3] (or [B, P, Q, 3] padded, with
-    'image_hw' int32 [B, 2]) or 'embedding' [B, E, E, D] (float32 or bfloat16),
+    'pixels_hw' int32 [B, 2]) or 'embedding' [B, E, E, D] (float32 or bfloat16),
     'prompt_boxes' [B, N, 4], 'amodal_masks' / 'visible_masks' bool [B, N, L, L], 'valid'.
     """
     # The first transposed convolution reads the image tokens densely here: its factored

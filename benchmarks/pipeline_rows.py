@@ -18,8 +18,10 @@ Rows:
   image; --workers N worker processes, default all cores) over the same scenes built as a
   D2SA-layout train split (`write_d2sa_release`, `python -m datasets.build d2sa`), giving
   batches for the step that runs the frozen encoder, or for the step that reads cached
-  embeddings. `images_per_second_per_core` = images delivered / CPU seconds of the loader
-  process and its workers over one pass of the images after 3 warm-up batches;
+  embeddings (an on-disk cache of random bfloat16 [64, 64, 256] embeddings, written by the
+  benchmark). `images_per_second_per_core` = images delivered / CPU seconds of the loader
+  process and its workers over the second pass of the images (the first starts the workers
+  and checks the cache files);
   `images_per_second` = the same images / wall seconds; `load_average` = the machine's
   1-minute load when the timing starts.
 """
@@ -184,13 +186,29 @@ def _process_tree_cpu_seconds() -> float:
 
 
 LOADER = dict(batch_size=8, image_size=1024, mask_size=256, instances_per_image=4)
-WARMUP_BATCHES = 3
+EMBEDDING_SHAPE = (64, 64, 256)  # ViT-T / ViT-S at 1024 px
+
+
+def write_synthetic_cache(folder: pathlib.Path, name: str, split: str, source: Any) -> Any:
+    """An embedding cache of random bfloat16 embeddings for every example of `source` (what
+    the loader reads costs the same whatever the values); returns its reader."""
+    from sameo_jax.data import embedding_store
+
+    store = embedding_store.EmbeddingStore.create(
+        folder, {"note": "random embeddings for the loader benchmark"}, EMBEDDING_SHAPE)
+    writer = store.writer(name, split, len(source), 64, repr(source))
+    rng = np.random.default_rng(0)
+    for k in writer.pending():
+        indices = writer.shard_examples(k)
+        values = rng.standard_normal((len(indices), *EMBEDDING_SHAPE), np.float32)
+        writer.write(k, values, [source.record(i).image_id for i in indices])
+    return store.reader(name, split, repr(source))
 
 
 def _loader_row(name: str, cached: bool, num_images: int, workers: int | None,
                 work_dir: pathlib.Path) -> dict[str, Any]:
     """A `pipeline_*_path` row: the training loader over a built D2SA-layout split, images
-    per CPU-second of the loader process and its workers (after WARMUP_BATCHES batches)."""
+    per CPU-second of the loader process and its workers over the second pass."""
     from datasets import build
     from sameo_jax.data import pipeline, sources
 
@@ -201,15 +219,23 @@ def _loader_row(name: str, cached: bool, num_images: int, workers: int | None,
                     "--split", "train"])
     source = sources.open_source("d2sa", "train", str(data))
     used = os.cpu_count() if workers is None else workers
-    loader = pipeline.make_train_loader({"d2sa": source}, seed=0, worker_count=used, **LOADER)
-    for _ in range(WARMUP_BATCHES):
-        next(loader)
+    size = LOADER["image_size"]
+    if cached:
+        reader = write_synthetic_cache(work_dir / "cache", "d2sa", "train", source)
+        inputs = {"embeddings": {"d2sa": reader}}
+    else:
+        inputs = {"image_pad_hw": (size, size)}
+    loader = pipeline.make_train_loader({"d2sa": source}, seed=0, worker_count=used,
+                                        **inputs, **LOADER)
     batches = max(num_images // LOADER["batch_size"], 1)
+    for _ in range(batches):  # the first pass: workers start, cache shards are checked
+        next(loader)
     cpu, wall = _process_tree_cpu_seconds(), time.perf_counter()
     load = os.getloadavg()[0]
     for _ in range(batches):
         next(loader)
     cpu, wall = _process_tree_cpu_seconds() - cpu, time.perf_counter() - wall
+    loader.close()
     images = batches * LOADER["batch_size"]
     return {
         "name": name, "images_per_second_per_core": images / cpu,
@@ -217,10 +243,10 @@ def _loader_row(name: str, cached: bool, num_images: int, workers: int | None,
         "images": images, "workers": used, "cores": os.cpu_count(),
         "load_average": load, "device": "cpu",
         "note": (f"{num_images} JPEGs 640x480, {INSTANCES} instances, batch "
-                 f"{LOADER['batch_size']}, {LOADER['image_size']} px, masks "
-                 f"{LOADER['mask_size']}, {LOADER['instances_per_image']} instances per image; "
-                 f"{used} workers; " + ("embeddings from the on-disk cache" if cached
-                                        else "images for the encoder in the step")),
+                 f"{LOADER['batch_size']}, {size} px, masks {LOADER['mask_size']}, "
+                 f"{LOADER['instances_per_image']} instances per image; {used} workers; "
+                 + ("random bfloat16 embeddings from an on-disk cache, no image decoded"
+                    if cached else "uint8 images padded to the model frame for the step")),
     }
 
 

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from sameo_jax import distributed
+from sameo_jax.cli import parse_flags
 from sameo_jax.data import embedding_store
 from sameo_jax.training.embed import write_embeddings
 from sameo_jax.training.loop import build_model_config, initial_params, initialize_distributed
@@ -63,4 +64,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -27,6 +27,7 @@ import sys
 from absl import app, flags, logging
 
 from sameo_jax import distributed
+from sameo_jax.cli import parse_flags
 from sameo_jax.evaluation import runner
 from sameo_jax.evaluation.evaluator import SPLITS, EvalOptions, evaluate
 
@@ -97,15 +98,6 @@ def main(argv: list[str]) -> None:
         evaluate(options_from_flags())
     except (ValueError, OSError) as exc:  # bad inputs, unreadable or existing files
         sys.exit("error: " + " ".join(str(exc).split()))
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a bad flag as one `error:` line (exit status 2)."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as exc:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

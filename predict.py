@@ -7,26 +7,27 @@ The checkpoint decides the model; --variant (vitt, vits, tiny) only checks it:
 
 Examples:
   python predict.py --checkpoint efficient_sam_vitt.pt --image photo.jpg \
-      --prompts prompts.json --save-npz out.npz --overlay out.png
+      --prompts prompts.json --save_npz out.npz --overlay out.png
   python predict.py --checkpoint workdir_vitt --image photo.jpg --prompts prompts.json \
       --overlay out.png --overwrite
 
 PROMPTS.json: [{"box": [x0, y0, x1, y1]}, {"points": [[x, y]], "labels": [1]}, ...] in
 original pixel coordinates (labels: 1 positive, 0 negative point). Existing outputs are
-replaced only with --overwrite; a run whose outputs would exceed --max-output-gb is refused
+replaced only with --overwrite; a run whose outputs would exceed --max_output_gb is refused
 before any work.
 
 Visible masks and occlusion order from the same image embedding, with the EfficientSAM
 decoder a SAMEO workdir was fine-tuned from (found in the workdir, or --visible_checkpoint):
 
   python predict.py --checkpoint workdir_sameo --image photo.jpg --prompts prompts.json \
-      --layers layers.png --save-json scene.json
+      --layers layers.png --save_json scene.json
 """
 
 import jax
 from absl import app, flags, logging
 
 from sameo_jax.checkpoint import CheckpointError
+from sameo_jax.cli import parse_flags
 from sameo_jax.inference import (
     DEFAULT_MAX_OUTPUT_GB,
     ScenePrediction,
@@ -41,7 +42,7 @@ _VARIANT = flags.DEFINE_enum("variant", None, ["vitt", "vits", "tiny"],
                              "Model variant (inferred from the weights when not given).")
 _IMAGE = flags.DEFINE_string("image", None, "Image file.", required=True)
 _PROMPTS = flags.DEFINE_string("prompts", None, "PROMPTS.json.", required=True)
-_SAVE_NPZ = flags.DEFINE_string("save-npz", None,
+_SAVE_NPZ = flags.DEFINE_string("save_npz", None,
                                 "Write arrays to this .npz ('.npz' is added when missing).")
 _OVERLAY = flags.DEFINE_string("overlay", None, "Write a PNG with the best mask per query.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
@@ -52,25 +53,18 @@ _VISIBLE_CHECKPOINT = flags.DEFINE_string(
 _LAYERS = flags.DEFINE_string(
     "layers", None, "Write a PNG of the objects coloured by depth layer (needs visible masks).")
 _SAVE_JSON = flags.DEFINE_string(
-    "save-json", None, "Write masks (RLE), layers and the order matrix as JSON (needs visible "
+    "save_json", None, "Write masks (RLE), layers and the order matrix as JSON (needs visible "
     "masks).")
 _BEST_ONLY = flags.DEFINE_bool(
-    "best-only", False, "Keep only the candidate with the highest predicted IoU (1 of 3).")
+    "best_only", False, "Keep only the candidate with the highest predicted IoU (1 of 3).")
 _MAX_OUTPUT_GB = flags.DEFINE_float(
-    "max-output-gb", DEFAULT_MAX_OUTPUT_GB,
+    "max_output_gb", DEFAULT_MAX_OUTPUT_GB,
     "Refuse runs whose masks and logits would take more host memory than this.", lower_bound=0)
 
 
 def _error(message: object) -> SystemExit:
     """The one line a failed run ends with."""
     return SystemExit("error: " + " ".join(str(message).split()))
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as exc:
-        raise _error(f"{exc} (see --helpshort)") from None
 
 
 def main(argv):
@@ -93,8 +87,8 @@ def main(argv):
         raise _error(exc) from None
     except (MemoryError, jax.errors.JaxRuntimeError) as exc:  # beyond what was checked
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise _error(f"the run failed ({first}); with less memory, pass --best-only, fewer "
-                     "prompts or a lower --max-output-gb") from None
+        raise _error(f"the run failed ({first}); with less memory, pass --best_only, fewer "
+                     "prompts or a lower --max_output_gb") from None
     for q in range(len(out.iou)):
         scores = ", ".join(f"{v:.3f}" for v in out.iou[q])
         print(f"query {q}: predicted IoU [{scores}], mask pixels "
@@ -105,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)

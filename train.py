@@ -2,7 +2,7 @@ r"""Train SAMEO. All logic lives in `sameo_jax.training.loop.train_and_evaluate`
 
 Config variants (configs/sameo.py:VARIANT): demo (tiny model from scratch on the procedural
 scenes, a few minutes on a CPU); vitt, vits (EfficientSAM ViT-T / ViT-S from official weights,
-only the mask decoder trains).
+only the mask decoder trains); vitt_cpu, vits_cpu (the same for a CPU, run under ./cpu.sh).
 
   python train.py --config configs/sameo.py:demo --workdir workdir_demo
   python train.py --config configs/sameo.py:vitt --workdir DIR --config.init_checkpoint=PATH
@@ -24,11 +24,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sameo_jax.cli import parse_flags
 from sameo_jax.evaluation.evaluator import SPLITS
-from sameo_jax.host_memory import reuse_freed_host_memory
-from sameo_jax.models.config import kept_memory_config
 from sameo_jax.training.checkpointing import CHECKPOINT_SUBDIR
-from sameo_jax.training.loop import build_model_config, train_and_evaluate
+from sameo_jax.training.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/sameo.py:demo.", lock_config=True
@@ -44,17 +43,6 @@ class _QuietCheckpointLibrary(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
-def use_kept_memory_chunks(config) -> None:
-    """In a process that keeps freed host memory: the encoder's attention in the bigger query
-    chunks that pay there (models/config.py `kept_memory_config`), unless the config's model
-    overrides name their own `encoder_attention_chunk`."""
-    if "encoder_attention_chunk" in config.model.overrides:
-        return
-    chunk = kept_memory_config(build_model_config(config)).encoder_attention_chunk
-    with config.unlocked():
-        config.model.overrides.encoder_attention_chunk = chunk
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -62,9 +50,6 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietCheckpointLibrary())
     config = _CONFIG.value
     try:
-        # Before JAX starts: no page faults per step (CPU only; False where not applied).
-        if config.get("keep_freed_host_memory", False) and reuse_freed_host_memory():
-            use_kept_memory_chunks(config)
         state = train_and_evaluate(config, _WORKDIR.value)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -86,4 +71,4 @@ def next_steps(config, workdir: str, step: int) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -23,6 +23,7 @@ import dataclasses
 import fnmatch
 import functools
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -35,8 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sameo_jax import preprocessing as pp
-from sameo_jax.host_memory import OPT_OUT_VARIABLE, reuse_freed_host_memory
-from sameo_jax.models.config import kept_memory_config
 from sameo_jax.models.efficient_sam import EfficientSam, model_config, param_shapes
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # for configs/
@@ -145,10 +144,18 @@ class Table:
                       f"({speed / 1e9:.0f} GFLOP/s)")
 
 
-def tuned(config, kept: bool):
-    """The model config as train.py runs it: with freed host memory kept, the encoder's
-    bigger attention chunks (`kept_memory_config`)."""
-    return kept_memory_config(config) if kept else config
+def kept_memory() -> bool:
+    """Whether this process runs under ./cpu.sh (glibc's malloc keeps freed memory)."""
+    return os.environ.get("MALLOC_ARENA_MAX") == "1"
+
+
+def tuned(config, variant: str, kept: bool):
+    """The model config as training runs it: under ./cpu.sh, the encoder's bigger attention
+    chunks of the configs' *_cpu variants."""
+    from configs.sameo import CPU_ENCODER_CHUNKS
+
+    chunk = CPU_ENCODER_CHUNKS.get(variant) if kept else None
+    return dataclasses.replace(config, encoder_attention_chunk=chunk) if chunk else config
 
 
 def bench_encoder(table: Table, variant: str, repeats: int, dtype: str = "float32",
@@ -156,7 +163,7 @@ def bench_encoder(table: Table, variant: str, repeats: int, dtype: str = "float3
     suffix = "" if dtype == "float32" else f"_{dtype}"
     if not table.wants(f"encoder_{variant}{suffix}"):
         return
-    config = tuned(model_config(variant, dtype=dtype), kept)
+    config = tuned(model_config(variant, dtype=dtype), variant, kept)
     model = EfficientSam(config)
     params = random_params(config)
     s = config.img_size
@@ -225,7 +232,7 @@ def bench_train_steps(table: Table, repeats: int, variant: str = "vitt",
     config = sameo_configs.get_config("vitt")
     b, n = 2, config.instances_per_image
     config.batch_size = b
-    model_cfg = tuned(model_config(variant), kept)
+    model_cfg = tuned(model_config(variant), variant, kept)
     params = random_params(model_cfg)
     s, e, low = model_cfg.img_size, model_cfg.embedding_size, model_cfg.low_res_size
     labels = trainable_labels(params, config.trainable)
@@ -265,10 +272,8 @@ def bench_train_steps(table: Table, repeats: int, variant: str = "vitt",
                   compiled.as_text())
 
 
-def main(argv: list[str] | None = None, keep_freed_memory: bool = False,
-         ) -> list[dict[str, Any]]:
-    """Run the benchmark rows and print the table. keep_freed_memory: first apply train.py's
-    malloc settings (sameo_jax/host_memory.py; the command line does)."""
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark rows and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="ViT-T and the decoder only")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
@@ -301,7 +306,7 @@ def main(argv: list[str] | None = None, keep_freed_memory: bool = False,
         return rows
     variant = args.variant or "vitt"
 
-    reused = keep_freed_memory and reuse_freed_host_memory()  # before JAX starts; CPU only
+    reused = kept_memory()
     device = jax.devices()[0]
     device_name = f"{device.platform}:{device.device_kind}"
     if device.platform != "cpu":  # compare with float32 goldens at full precision
@@ -309,10 +314,9 @@ def main(argv: list[str] | None = None, keep_freed_memory: bool = False,
     print(f"device {device_name} x{jax.device_count()}; 'rate' is the f32 matmul GFLOP/s "
           "(best of 5) measured just before each row, 'floor' = work / rate, 'products' = "
           "the call's dots and convolutions each timed alone (--products)")
-    print("host memory: " + ("freed blocks kept for reuse, and the encoder's attention in "
-                             "the query chunks that pay there (kept_memory_config)" if reused
-                             else f"malloc defaults ({OPT_OUT_VARIABLE}, "
-                                  "sameo_jax/host_memory.py)"))
+    print("host memory: " + ("freed blocks kept for reuse (./cpu.sh), and the encoder's "
+                             "attention in the bigger chunks of the *_cpu configs" if reused
+                             else "malloc defaults (run under ./cpu.sh to keep freed memory)"))
     print(f"{'name':<28} {'time':>13} {'work':>15} {'rate':>7} {'floor':>12} {'ratio':>8} "
           f"{'products':>12} {'ratio':>7}")
     table = Table(device_name, args.detail, args.products, args.rows)
@@ -340,4 +344,4 @@ def main(argv: list[str] | None = None, keep_freed_memory: bool = False,
 
 
 if __name__ == "__main__":
-    main(keep_freed_memory=True)
+    main()

@@ -4,6 +4,8 @@ Variants (the part after the colon):
 
   vitt  EfficientSAM ViT-T from a converted official checkpoint; only the mask decoder trains.
   vits  the same with ViT-S.
+  vitt_cpu, vits_cpu  the same for a CPU run under ./cpu.sh (malloc keeps freed memory): the
+        encoder's attention in the bigger query chunks that pay there.
   demo  a tiny model trained from scratch on the embedded procedural data set (no download):
         finishes on a 2-core CPU in a few minutes.
 
@@ -32,11 +34,18 @@ from __future__ import annotations
 
 import ml_collections
 
+# Encoder attention queries per chunk under ./cpu.sh: the largest power of two whose logits
+# fit 48 MiB per image (without kept memory their fresh pages cost more than they save).
+CPU_ENCODER_CHUNKS = {"vitt": 1024, "vits": 512}
+VARIANTS = ("vitt", "vits", "demo", "vitt_cpu", "vits_cpu")
+
 
 def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
-    """The training config of a variant: 'vitt', 'vits' or 'demo'."""
-    if arg not in ("vitt", "vits", "demo"):
-        raise ValueError(f"unknown config variant {arg!r}; choose vitt, vits or demo")
+    """The training config of a variant: 'vitt', 'vits', 'demo', 'vitt_cpu' or 'vits_cpu'."""
+    if arg not in VARIANTS:
+        raise ValueError(f"unknown config variant {arg!r}; choose one of {', '.join(VARIANTS)}")
+    cpu = arg.endswith("_cpu")
+    arg = arg.removesuffix("_cpu")
     c = ml_collections.ConfigDict()
 
     # Model: a named variant of sameo_jax.models.config, plus field overrides.
@@ -123,11 +132,6 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
     c.coordinator_address = ""  # HOST:PORT of process 0's coordinator
     c.num_processes = ml_collections.config_dict.placeholder(int)
     c.process_id = ml_collections.config_dict.placeholder(int)
-    # On a CPU, keep freed host memory for reuse (train.py; sameo_jax/host_memory.py): the
-    # ViT-T step's ~1 GB of temporaries is otherwise page-faulted in afresh every step
-    # (0.62x-0.67x the step time with it). It puts all threads on one malloc arena, which
-    # small programs pay for: the demo's steps ran 1.5x slower, so the demo turns it off.
-    c.keep_freed_host_memory = True
 
     if arg == "demo":
         # Random encoders carry no knowledge, so with no pretrained checkpoint everything
@@ -135,7 +139,6 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
         # to run the SAMEO recipe (decoder-only) instead.
         c.init_checkpoint = "random"
         c.trainable = (".*",)
-        c.keep_freed_host_memory = False
         c.data.num_workers = 0  # the scenes cost little to draw; the CPU step needs the cores
         c.model.overrides.img_size = 128
         # Scenes rendered at the model's input size, objects large enough to keep their
@@ -154,4 +157,6 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
         c.log_every = 20
         c.checkpoint_every = 200
         c.eval_every = 200
+    if cpu:
+        c.model.overrides.encoder_attention_chunk = CPU_ENCODER_CHUNKS[arg]
     return c

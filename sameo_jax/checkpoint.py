@@ -30,9 +30,21 @@ from sameo_jax.state_dict_file import open_state_dict, printable
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "model_config"
-# The items of a training checkpoint (sameo_jax/training/checkpointing.py).
-_ARRAY_ITEMS = (PARAMS_ITEM, "opt_state", "train")
-_JSON_ITEMS = (CONFIG_ITEM, "config", "data")
+# The training config's init_checkpoint that asks for random initial weights.
+RANDOM_INIT = "random"
+# The items of a training checkpoint (sameo_jax/training/checkpointing.py): arrays, JSON.
+TRAIN_ARRAY_ITEMS = (PARAMS_ITEM, "opt_state", "train")
+TRAIN_JSON_ITEMS = (CONFIG_ITEM, "config", "data")
+
+
+def item_handlers() -> dict[str, Any]:
+    """orbax handlers for every item of a training checkpoint (so that orbax knows the items
+    a restore skips)."""
+    import orbax.checkpoint as ocp
+
+    handlers = {name: ocp.StandardCheckpointHandler() for name in TRAIN_ARRAY_ITEMS}
+    handlers.update({name: ocp.JsonCheckpointHandler() for name in TRAIN_JSON_ITEMS})
+    return handlers
 
 
 # ----------------------------------------------------------------------------- reading
@@ -248,10 +260,7 @@ def _restore_orbax(directory: pathlib.Path) -> tuple[EfficientSamConfig | None, 
     first device (the saved shapes and dtypes are the restore target)."""
     import orbax.checkpoint as ocp
 
-    # Every item a training step holds, so that orbax knows what it skips.
-    handlers = {name: ocp.StandardCheckpointHandler() for name in _ARRAY_ITEMS}
-    handlers.update({name: ocp.JsonCheckpointHandler() for name in _JSON_ITEMS})
-    with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
+    with ocp.CheckpointManager(directory, item_handlers=item_handlers()) as manager:
         step = manager.latest_step()
         if step is None:
             raise CheckpointError(f"{directory}: no checkpoint steps found in this directory")
@@ -358,8 +367,7 @@ def training_init_checkpoint(path: str | os.PathLike) -> str | None:
             **{TRAINING_CONFIG_ITEM: ocp.args.JsonRestore()}))
     config = restored[TRAINING_CONFIG_ITEM]
     value = config.get("init_checkpoint") if isinstance(config, dict) else None
-    # 'random' is train.py's request for random initial weights, not a checkpoint.
-    return str(value) if isinstance(value, str) and value not in ("", "random") else None
+    return str(value) if isinstance(value, str) and value not in ("", RANDOM_INIT) else None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,12 +8,19 @@ With one process (`jax.process_count() == 1`) gathering returns `[obj]` and runs
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # the coordination client (as orbax)
 from jax.experimental import multihost_utils
+
+# How long a gathering process waits for the others (they may finish their shares of an
+# evaluation at different times).
+GATHER_TIMEOUT_S = 3600
+_gathers = itertools.count()
 
 
 def initialize(coordinator_address: str = "", num_processes: int | None = None,
@@ -46,6 +53,10 @@ def allgather_objects(obj: Any) -> list[Any]:
     """
     if jax.process_count() == 1:
         return [obj]
+    # Meet first on the coordination service, which waits as long as asked: the CPU
+    # collectives (gloo) give up when the processes do not arrive within 30 s of each other.
+    jax_distributed.global_state.client.wait_at_barrier(
+        f"sameo_allgather_{next(_gathers)}", GATHER_TIMEOUT_S * 1000)
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)

@@ -192,10 +192,10 @@ def check_outputs(save_npz: str | os.PathLike | None, overlay: str | os.PathLike
                   overwrite: bool, inputs: Sequence[str | os.PathLike], *,
                   layers: str | os.PathLike | None = None,
                   save_json: str | os.PathLike | None = None) -> dict[str, pathlib.Path]:
-    """predict.py's outputs, checked by `plan_outputs` ('--save-npz' with numpy's suffix)."""
+    """predict.py's outputs, checked by `plan_outputs` ('--save_npz' with numpy's suffix)."""
     return plan_outputs(
-        {"--save-npz": None if save_npz is None else npz_path(save_npz), "--overlay": overlay,
-         "--layers": layers, "--save-json": save_json},
+        {"--save_npz": None if save_npz is None else npz_path(save_npz), "--overlay": overlay,
+         "--layers": layers, "--save_json": save_json},
         overwrite, inputs)
 
 
@@ -258,12 +258,12 @@ def check_output_size(num_prompts: int, candidates: int, image_hw: tuple[int, in
     if total <= max_bytes:
         return
     parts = ", ".join(f"{name} {n / 1e9:.1f} GB" for name, n in sizes.items())
-    fewer = " --best-only (1 candidate instead of 3)," if candidates > 1 else ""
+    fewer = " --best_only (1 candidate instead of 3)," if candidates > 1 else ""
     raise ValueError(
         f"{num_prompts} prompts x {candidates} candidates on a {image_hw[0]}x{image_hw[1]} "
         f"image need {total / 1e9:.1f} GB of outputs ({parts}), over the limit of "
-        f"{max_bytes / 1e9:g} GB (--max-output-gb); lower it with{fewer} fewer prompts per "
-        "run, or raise --max-output-gb")
+        f"{max_bytes / 1e9:g} GB (--max_output_gb); lower it with{fewer} fewer prompts per "
+        "run, or raise --max_output_gb")
 
 
 def predict_files(predictor: Predictor, image_path: str | os.PathLike,
@@ -290,7 +290,7 @@ def predict_files(predictor: Predictor, image_path: str | os.PathLike,
     if layers is not None:
         predictor.require_visible("--layers")
     if save_json is not None:
-        predictor.require_visible("--save-json")
+        predictor.require_visible("--save_json")
     image = load_image(image_path)
     points, labels = read_prompts(prompts_path)
     check_output_size(len(points), 1 if best_only else 3, image.shape[:2],
@@ -305,14 +305,14 @@ def predict_files(predictor: Predictor, image_path: str | os.PathLike,
         arrays = dict(visible_masks=out.visible, hidden_masks=out.hidden,
                       visible_iou=out.visible_iou, order_matrix=out.order.matrix,
                       layers=out.order.layers)
-    if "--save-npz" in outputs:
+    if "--save_npz" in outputs:
         arrays.update(low_res_logits=out.low_res_logits, iou=out.iou, masks=out.masks,
                       image_embeddings=np.asarray(embedding[0]).transpose(2, 0, 1))
-        write_atomic(outputs["--save-npz"], lambda f: np.savez_compressed(f, **arrays),
+        write_atomic(outputs["--save_npz"], lambda f: np.savez_compressed(f, **arrays),
                      overwrite)
-    if "--save-json" in outputs:
+    if "--save_json" in outputs:
         scene = _scene_json(out, image_path, prompt_boxes(points, labels))
-        write_atomic(outputs["--save-json"], lambda f: f.write(scene.encode()), overwrite)
+        write_atomic(outputs["--save_json"], lambda f: f.write(scene.encode()), overwrite)
     if "--layers" in outputs:
         from sameo_jax.visualize import draw_layers
 

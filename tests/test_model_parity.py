@@ -1,9 +1,12 @@
 """Parity of the Flax EfficientSAM ViT-T with the official PyTorch code's goldens.
 
-One jitted encoder call per image and one decoder call per image (all 5 prompts at once).
+One jitted encoder call per image and one decoder call per image (all 5 prompts at once), on
+the reference decoder (models/mask_decoder.py) and on the fast one (models/fast/).
 Tolerances from the reference README: 1e-4 on embeddings and logits, 2e-5 on IoU, at most
 1e-4 of the full-resolution mask pixels flipped.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -32,30 +35,37 @@ def model_and_params(reference_dir):
 
 
 @pytest.fixture(scope="module")
-def outputs(golden, model_and_params):
+def encoded(golden, model_and_params):
+    """Per image: the preprocessed image, its embeddings and the padded prompts."""
     model, params = model_and_params
     encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EfficientSam.encode))
-    decode = jax.jit(lambda p, e, pts, lab: model.apply(
-        {"params": p}, e, pts, lab, method=EfficientSam.decode_all))
     results = {}
     for i in IMAGES:
         k = f"img{i}_"
         image = golden[k + "image"]
-        h, w = image.shape[:2]
         x = pp.preprocess_image(image, 1024)
-        emb = encode(params, jnp.asarray(x)[None])
-        points = pp.rescale_points(golden[k + "points"], (h, w), 1024)
+        points = pp.rescale_points(golden[k + "points"], image.shape[:2], 1024)
         padded, labels = pp.pad_prompts(points[0], golden[k + "labels"][0], 6)
-        out = jax.tree_util.tree_map(np.asarray,
-                                     decode(params, emb, points, golden[k + "labels"]))
-        results[i] = dict(preprocessed=x, embeddings=np.asarray(emb[0]), padded=padded,
-                          padded_labels=labels, **out)
+        results[i] = dict(preprocessed=x, embeddings=encode(params, jnp.asarray(x)[None]),
+                          points=points, padded=padded, padded_labels=labels)
     return results
 
 
+@pytest.fixture(scope="module", params=["reference", "fast"])
+def outputs(request, golden, model_and_params, encoded):
+    """Per image: decode_all's outputs for the golden prompts, on each decoder."""
+    model, params = model_and_params
+    model = model.clone(config=dataclasses.replace(model.config, decoder_impl=request.param))
+    decode = jax.jit(lambda p, e, pts, lab: model.apply(
+        {"params": p}, e, pts, lab, method=EfficientSam.decode_all))
+    return {i: jax.tree_util.tree_map(np.asarray, decode(
+        params, encoded[i]["embeddings"], encoded[i]["points"], golden[f"img{i}_labels"]))
+        for i in IMAGES}
+
+
 @pytest.mark.parametrize("i", IMAGES)
-def test_preprocessing_and_prompt_inputs(golden, outputs, i):
-    k, out = f"img{i}_", outputs[i]
+def test_preprocessing_and_prompt_inputs(golden, encoded, i):
+    k, out = f"img{i}_", encoded[i]
     np.testing.assert_allclose(out["preprocessed"].transpose(2, 0, 1),
                                golden[k + "preprocessed"][0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(out["padded"], golden[k + "prompt_encoder_in_coords"],
@@ -64,8 +74,8 @@ def test_preprocessing_and_prompt_inputs(golden, outputs, i):
 
 
 @pytest.mark.parametrize("i", IMAGES)
-def test_image_embeddings(golden, outputs, i):
-    got = outputs[i]["embeddings"].transpose(2, 0, 1)
+def test_image_embeddings(golden, encoded, i):
+    got = np.asarray(encoded[i]["embeddings"][0]).transpose(2, 0, 1)
     np.testing.assert_allclose(got, golden[f"img{i}_image_embeddings"][0], atol=1e-4, rtol=0)
 
 

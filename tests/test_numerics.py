@@ -8,7 +8,7 @@ import pytest
 
 from sameo_jax import preprocessing as pp
 from sameo_jax.models.config import model_config
-from sameo_jax.models.efficient_sam import EfficientSam, init_params
+from sameo_jax.models.efficient_sam import EfficientSam, init_params, param_shapes
 from sameo_jax.models.layers import LayerNorm, gelu, layer_norm
 
 
@@ -19,11 +19,11 @@ def _torch_layer_norm(x, eps):
     return (x - mean) / np.sqrt(var + eps)
 
 
-@pytest.fixture(scope="module")
-def norm_modules():
-    """Every LayerNorm / GroupNorm the model calls: (module path, type, eps, groups)."""
-    config = model_config("tiny")
-    params = init_params(config, jax.random.key(0))
+@pytest.fixture(scope="module", params=["reference", "fast"])
+def norm_modules(request):
+    """Every LayerNorm / GroupNorm the model calls: (module path, type, eps, groups), with
+    either mask decoder."""
+    config = model_config("tiny", decoder_impl=request.param)
     found = []
 
     def record(module, method_name):
@@ -36,8 +36,9 @@ def norm_modules():
 
     images = jnp.zeros((1, 256, 256, 3))
     pts, labels = jnp.zeros((1, 2, 2, 2)), jnp.full((1, 2, 2), 2, jnp.int32)
-    EfficientSam(config).apply({"params": params}, images, pts, labels,
-                               capture_intermediates=record, mutable=["intermediates"])
+    jax.eval_shape(lambda p: EfficientSam(config).apply(  # the calls are seen while tracing
+        {"params": p}, images, pts, labels, capture_intermediates=record,
+        mutable=["intermediates"]), param_shapes(config))
     return found
 
 
@@ -172,17 +173,18 @@ def test_pad_prompts_refuses_more_than_six_points():
         pp.pad_prompts(np.zeros((1, 7, 2)), np.ones((1, 7)), 6)
 
 
-def test_bfloat16_compute_tracks_float32():
+@pytest.mark.parametrize("decoder_impl", ["reference", "fast"])
+def test_bfloat16_compute_tracks_float32(decoder_impl):
     """dtype='bfloat16' computes in bf16 (params stay f32) and returns f32 logits close to
     the f32 model's, relative to their scale."""
-    config32 = model_config("tiny")
+    config32 = model_config("tiny", decoder_impl=decoder_impl)
     params = init_params(config32, jax.random.key(3))
     images = jnp.asarray(np.random.default_rng(0).standard_normal((1, 256, 256, 3)), jnp.float32)
     points = jnp.asarray([[[[20.0, 30.0], [120.0, 200.0]]]])
     labels = jnp.asarray([[[2, 3]]], jnp.int32)
     outs = {}
     for dtype in ("float32", "bfloat16"):
-        model = EfficientSam(model_config("tiny", dtype=dtype))
+        model = EfficientSam(model_config("tiny", dtype=dtype, decoder_impl=decoder_impl))
         outs[dtype] = jax.jit(model.apply)({"params": params}, images, points, labels)
     (lo32, iou32), (lo16, iou16) = outs["float32"], outs["bfloat16"]
     assert lo16.dtype == jnp.float32 and iou16.dtype == jnp.float32

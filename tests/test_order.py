@@ -260,7 +260,7 @@ def test_workdir_finds_its_visible_decoder_and_predict_writes_the_scene(tmp_path
     (tmp_path / "prompts.json").write_text(json.dumps([{"box": b.tolist()} for b in boxes]))
     run = _cli(tmp_path, "predict.py", "--checkpoint", workdir, "--image",
                tmp_path / "scene.png", "--prompts", tmp_path / "prompts.json", "--layers",
-               tmp_path / "layers.png", "--save-json", tmp_path / "s.json", "--save-npz",
+               tmp_path / "layers.png", "--save_json", tmp_path / "s.json", "--save_npz",
                tmp_path / "s.npz")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "layer" in run.stdout

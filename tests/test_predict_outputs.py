@@ -47,13 +47,13 @@ def test_implicit_npz_suffix_is_checked(tmp_path, inputs):
     with pytest.raises(ValueError, match=r"out.npz exists; pass --overwrite"):
         inference.check_outputs(tmp_path / "out", None, False, inputs)
     assert inference.check_outputs(tmp_path / "out", None, True, inputs) == {
-        "--save-npz": tmp_path / "out.npz"}
+        "--save_npz": tmp_path / "out.npz"}
     assert (tmp_path / "out.npz").read_bytes() == b"the user's arrays"
 
 
 @pytest.mark.parametrize("npz,overlay,match", [
-    ("same", "same.npz", r"--overlay .*same.npz is also the path of --save-npz"),
-    ("img.png", None, r"--save-npz .*img.png.npz"),  # not an input: numpy adds .npz
+    ("same", "same.npz", r"--overlay .*same.npz is also the path of --save_npz"),
+    ("img.png", None, r"--save_npz .*img.png.npz"),  # not an input: numpy adds .npz
     ("x.npz", "img.png", r"--overlay .*img.png is an input of this run"),
     ("x.npz", "p.json", r"--overlay .*p.json is an input of this run"),
     ("missing/x.npz", None, r"folder .*missing does not exist"),
@@ -99,7 +99,7 @@ def test_output_size_refused_with_numbers_and_remedies():
     message = str(err.value)
     for part in ("10000 prompts x 3 candidates on a 603x1072 image need 33.7 GB",
                  "masks 19.4 GB", "low-res logits 7.9 GB", "overlay masks 6.5 GB",
-                 "limit of 4 GB (--max-output-gb)", "--best-only", "fewer prompts"):
+                 "limit of 4 GB (--max_output_gb)", "--best_only", "fewer prompts"):
         assert part in message, message
     inference.check_output_size(1000, 1, (603, 1072), 256, True, 4e9)  # 2.3 GB: runs
 
@@ -149,7 +149,7 @@ def test_cli_refuses_huge_output_before_work(tmp_path, tiny_checkpoint):
     result = run_predict(f"--checkpoint={tiny_checkpoint}", f"--image={tmp_path / 'img.png'}",
                          f"--prompts={tmp_path / 'p.json'}")
     assert_one_error_line(result, "10000 prompts x 3 candidates on a 603x1072 image need "
-                          "19.9 GB", "limit of 4 GB (--max-output-gb)")
+                          "19.9 GB", "limit of 4 GB (--max_output_gb)")
 
 
 def test_cli_many_prompts_run_in_bounded_memory(tmp_path, tiny_checkpoint):
@@ -168,13 +168,13 @@ def test_cli_output_errors_are_one_line(tmp_path, tiny_checkpoint, inputs):
     image, prompts = inputs
     (tmp_path / "out.npz").write_bytes(b"the user's arrays")
     common = [f"--checkpoint={tiny_checkpoint}", f"--image={image}", f"--prompts={prompts}"]
-    result = run_predict(*common, f"--save-npz={tmp_path / 'out'}")
+    result = run_predict(*common, f"--save_npz={tmp_path / 'out'}")
     assert_one_error_line(result, "out.npz exists; pass --overwrite")
     assert (tmp_path / "out.npz").read_bytes() == b"the user's arrays"
     result = run_predict(*common, "--variant=vitx")
     assert_one_error_line(result, "--variant")
-    result = run_predict(*common, f"--save-npz={tmp_path / 'new'}", f"--overlay={tmp_path}/o.png",
-                         "--best-only")
+    result = run_predict(*common, f"--save_npz={tmp_path / 'new'}", f"--overlay={tmp_path}/o.png",
+                         "--best_only")
     assert result.returncode == 0, result.stderr[-2000:]
     with np.load(tmp_path / "new.npz") as z:
         assert z["masks"].shape == (1, 1, 60, 80) and z["iou"].shape == (1, 1)

@@ -11,8 +11,8 @@ workers, so a change in the machine's speed hits every revision alike. It prints
 revision, the minimum and median over the rounds and the ratio of minima to the first
 revision, and the largest difference between the revisions' outputs (0 or rounding for a
 change that only reorders arithmetic). Weights and inputs are random and the same for all.
-Workers start with the malloc settings of sameo_jax/host_memory.py (what train.py applies for
-vitt/vits and run.py always), except those named by `--default-malloc` (positions from 1):
+Workers run under ./cpu.sh (malloc keeps freed memory, as for a CPU training run), except
+those named by `--default-malloc` (positions from 1):
 `compare.py . . --default-malloc 2` times the settings themselves. `--set N FIELD=VALUE`
 gives the N-th revision's model a config field of its own (repeatable), so one revision can
 be timed against itself with another setting:
@@ -202,13 +202,10 @@ def compare(revs: list[str], rows: list[str], rounds: int, variant: str,
             default_malloc: set[int] = frozenset(),
             overrides: dict[int, dict[str, Any]] | None = None,
             ) -> dict[str, dict[str, list[float]]]:
-    """{row: {label: [seconds per round]}}, printed as a table. A worker starts with the
-    malloc settings of sameo_jax/host_memory.py (none where they do not apply),
-    so a revision older than them is timed alike, except the revisions numbered (from 1) in
-    `default_malloc`, which keep glibc's defaults. `overrides` maps a revision's number to
+    """{row: {label: [seconds per round]}}, printed as a table. A worker runs under ./cpu.sh
+    (malloc keeps freed memory), except the revisions numbered (from 1) in `default_malloc`,
+    which keep glibc's defaults. `overrides` maps a revision's number to
     model config fields it runs with."""
-    from sameo_jax.host_memory import MALLOC_VARIABLES, OPT_OUT_VARIABLE, malloc_environment
-
     overrides = overrides or {}
     labels = _labels(revs, default_malloc, overrides)
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,13 +213,10 @@ def compare(revs: list[str], rows: list[str], rounds: int, variant: str,
         procs = []
         for i, rev in enumerate(revs):
             root = extract(rev, tmp / f"rev{i}")
-            env = {k: v for k, v in os.environ.items() if k not in MALLOC_VARIABLES}
-            if i + 1 in default_malloc:
-                env[OPT_OUT_VARIABLE] = "0"
-            else:
-                env.update(malloc_environment())
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+            launcher = [] if i + 1 in default_malloc else [str(REPO / "cpu.sh")]
             procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(root), "--variant", variant,
+                [*launcher, sys.executable, __file__, "--worker", str(root), "--variant", variant,
                  "--outputs", str(tmp / f"out{i}.npz"),
                  "--overrides", json.dumps(overrides.get(i + 1, {})), "--rows", *rows],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))

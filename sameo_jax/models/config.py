@@ -7,6 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+DECODER_IMPLS = ("fast", "reference")
+
 
 @dataclasses.dataclass(frozen=True)
 class EfficientSamConfig:
@@ -28,20 +30,19 @@ class EfficientSamConfig:
     iou_head_hidden: int = 256
     max_num_points: int = 6
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    # Encoder attention runs this many queries at a time (0: all at once). Same result;
-    # on CPU chunks of 256 keep the logits in cache (about 2x faster at 4096 tokens). A
-    # process that keeps freed host memory runs bigger chunks faster (`kept_memory_config`).
+    # Encoder attention queries per chunk (0: all at once): same result, logits stay in cache.
     encoder_attention_chunk: int = 256
-    # The mask decoder runs this many prompts of an image at a time (0: all at once). Same
-    # result; each prompt has its own 4096 x 256 image tokens from the first layer on, and
-    # on CPU a few prompts' worth stays in cache (about 1.3x faster for 16 prompts).
+    # Mask decoder: "fast" (models/fast/) or "reference" (the paper's form); same parameters.
+    decoder_impl: str = "fast"
+    # Fast decoder: prompts of an image per chunk (0: all at once), so their tokens stay in cache.
     decoder_prompt_chunk: int = 4
-    # The first transposed convolution of the mask decoder reads the image tokens in their
-    # factored form (shared map + per-prompt low-rank sum, models/low_rank.py) when an image
-    # has enough prompts for that to be less work (3 or more boxes). Same result; 3/4 of
-    # the convolution's work at 4 boxes per decoder call. The train step switches it off
-    # (its backward costs more than the forward saves; training/step.py).
+    # Fast decoder: first upscale on factored tokens when that is less work (not in training).
     factored_upscale: bool = True
+
+    def __post_init__(self):
+        if self.decoder_impl not in DECODER_IMPLS:
+            raise ValueError(f"EfficientSamConfig.decoder_impl={self.decoder_impl!r}; expected "
+                             f"one of {DECODER_IMPLS}")
 
     @property
     def embedding_size(self) -> int:
@@ -58,11 +59,11 @@ class EfficientSamConfig:
         return jnp.dtype(self.dtype)
 
     def structure(self) -> EfficientSamConfig:
-        """The config with compute-only fields (dtype, chunking) at their defaults: two
-        configs with equal structure have interchangeable parameters."""
+        """The config with compute-only fields (dtype, chunking, decoder implementation) at
+        their defaults: two configs with equal structure have interchangeable parameters."""
         defaults = {f.name: f.default for f in dataclasses.fields(EfficientSamConfig)}
         return dataclasses.replace(
-            self, **{k: defaults[k] for k in ("dtype", "encoder_attention_chunk",
+            self, **{k: defaults[k] for k in ("dtype", "encoder_attention_chunk", "decoder_impl",
                                                 "decoder_prompt_chunk", "factored_upscale")})
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,31 +76,6 @@ class EfficientSamConfig:
         if unknown:
             raise ValueError(f"unknown EfficientSamConfig fields: {unknown}")
         return cls(**values)
-
-
-# Logits of one query chunk of the encoder's attention, per image, in a process that keeps
-# freed host memory: ViT-T runs 1024 queries at a time, ViT-S 512.
-KEPT_MEMORY_CHUNK_BYTES = 48 * 2**20
-
-
-def kept_memory_config(config: EfficientSamConfig) -> EfficientSamConfig:
-    """`config` for a CPU process that keeps freed host memory (sameo_jax/host_memory.py): the
-    encoder's attention in the largest power-of-two query chunks whose logits fit
-    KEPT_MEMORY_CHUNK_BYTES per image, never smaller than the config's own chunks.
-
-    Bigger chunks mean bigger, faster products and fewer loop steps; without kept memory their
-    logits' fresh pages cost more than that saves (ViT-T at 1024 queries: 1.35x the time,
-    ViT-S at 512: 1.26x), with it they pay (ViT-T 0.81x, ViT-S 0.85x; BENCHMARKS.md). The same
-    results, bit for bit.
-    """
-    chunk = config.encoder_attention_chunk
-    tokens = config.embedding_size**2
-    if not chunk:
-        return config
-    per_query = config.encoder_heads * tokens * jnp.dtype(jnp.float32).itemsize
-    while 2 * chunk <= tokens and 2 * chunk * per_query <= KEPT_MEMORY_CHUNK_BYTES:
-        chunk *= 2
-    return dataclasses.replace(config, encoder_attention_chunk=chunk)
 
 
 _VARIANTS = {

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sameo_jax.models.config import VARIANTS, EfficientSamConfig, model_config
+from sameo_jax.models.fast import mask_decoder as fast
 from sameo_jax.models.image_encoder import ImageEncoder
 from sameo_jax.models.mask_decoder import MaskDecoder
 from sameo_jax.models.prompt_encoder import PromptEncoder
@@ -30,18 +31,23 @@ def select_masks(logits: jax.Array, iou: jax.Array, multimask_output: bool):
     return logits[..., :1, :, :], iou[..., :1]
 
 
+def select_outputs(outputs: tuple[jax.Array, ...], mask_ids: tuple[int, ...],
+                   prompt_tokens: bool = True) -> tuple[jax.Array, ...]:
+    """The mask decoder's (logits, iou, hyper_in, tokens) for all M mask tokens -> those of
+    `mask_ids`; with `prompt_tokens=False` the tokens too are only the IoU token and those."""
+    logits, iou, hyper_in, tokens = outputs
+    ids = np.asarray(mask_ids)
+    if not prompt_tokens:
+        tokens = jnp.take(tokens, np.asarray([0, *(1 + ids)]), axis=-2)
+    return logits[..., ids, :, :], iou[..., ids], hyper_in[..., ids, :], tokens
+
+
 def best_candidate(logits: jax.Array, iou: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The candidate with the highest predicted IoU: logits [..., K, L, L], iou [..., K] ->
     ([..., L, L], [...]) (the official example's choice among the 3 multimask outputs)."""
     best = jnp.argmax(iou, axis=-1)
     picked = jnp.take_along_axis(logits, best[..., None, None, None], axis=-3)[..., 0, :, :]
     return picked, jnp.take_along_axis(iou, best[..., None], axis=-1)[..., 0]
-
-
-def _repeat_last(x: jax.Array, copies: int) -> jax.Array:
-    """[..., N, D] -> [..., N - 1 + copies, D], the last row repeated."""
-    last = jnp.broadcast_to(x[..., -1:, :], (*x.shape[:-2], copies, x.shape[-1]))
-    return jnp.concatenate([x[..., :-1, :], last], axis=-2)
 
 
 class EfficientSam(nn.Module):
@@ -52,7 +58,9 @@ class EfficientSam(nn.Module):
     def setup(self):
         self.image_encoder = ImageEncoder(self.config)
         self.prompt_encoder = PromptEncoder(self.config)
-        self.mask_decoder = MaskDecoder(self.config)
+        # Either decoder reads the same parameters ('mask_decoder/...').
+        fast_decoder = self.config.decoder_impl == "fast"
+        self.mask_decoder = (fast.MaskDecoder if fast_decoder else MaskDecoder)(self.config)
 
     def encode(self, images: jax.Array) -> jax.Array:
         """[B, S, S, 3] float32 normalised images -> [B, E, E, D] image embeddings."""
@@ -76,51 +84,20 @@ class EfficientSam(nn.Module):
                 not 0 <= i < num_masks for i in mask_ids)):
             raise ValueError(f"decode_all: mask_ids={mask_ids!r}; expected mask token indices "
                              f"in 0..{num_masks - 1}")
-        # The padding points are identical tokens and stay identical through the decoder, so
-        # they run as one token weighted by their count (see two_way_transformer) and are
-        # copied back afterwards: a box prompt has 8 tokens to carry instead of 11.
-        given, total = points.shape[-2], self.config.max_num_points
-        copies = total - given
-        log_weight = None
-        if copies > 1:
-            points, labels = pad_prompts(points, labels, given + 1)
-            log_weight = jnp.zeros(given + 1, jnp.float32).at[-1].set(np.log(copies))
-        else:
-            points, labels = pad_prompts(points, labels, total)
+        given = points.shape[-2]
+        points, labels = pad_prompts(points, labels, self.config.max_num_points)
         sparse = self.prompt_encoder(points, labels)
         dense_pe = self.prompt_encoder.dense_pe()
-        logits, iou, hyper_in, tokens = self._run_mask_decoder(sparse, embeddings, dense_pe,
-                                                               log_weight, prompt_tokens,
-                                                               mask_ids)
-        if copies > 1:
-            sparse = _repeat_last(sparse, copies)
-            if prompt_tokens:
-                tokens = _repeat_last(tokens, copies)
+        ids = tuple(range(num_masks)) if mask_ids is None else tuple(mask_ids)
+        if self.config.decoder_impl == "fast":
+            logits, iou, hyper_in, tokens = self.mask_decoder(
+                sparse, embeddings, dense_pe, padding=points.shape[-2] - given,
+                prompt_tokens=prompt_tokens, mask_ids=ids)
+        else:
+            logits, iou, hyper_in, tokens = select_outputs(
+                self.mask_decoder(sparse, embeddings, dense_pe), ids, prompt_tokens)
         return {"logits": logits, "iou": iou, "sparse": sparse, "tokens": tokens,
                 "hyper_in": hyper_in}
-
-    def _run_mask_decoder(self, sparse, embeddings, dense_pe, log_weight, prompt_tokens,
-                          mask_ids):
-        """The mask decoder on all prompts, `config.decoder_prompt_chunk` prompts of one image
-        at a time (a loop over chunks: rows of different prompts never interact)."""
-        b, q = sparse.shape[:2]
-        chunk = self.config.decoder_prompt_chunk
-        if self.is_initializing() or not chunk or q <= chunk or q % chunk:
-            return self.mask_decoder(sparse, embeddings, dense_pe, log_weight, prompt_tokens,
-                                     mask_ids)
-        n = q // chunk
-        variables = self.mask_decoder.variables
-        decoder = MaskDecoder(self.config, parent=None)  # applied inside the loop
-
-        def run(args):
-            image, sparse_chunk = args
-            return decoder.apply(variables, sparse_chunk, embeddings[image][None], dense_pe,
-                                 log_weight, prompt_tokens, mask_ids)
-
-        images = jnp.repeat(jnp.arange(b), n)
-        chunks = sparse.reshape(b * n, 1, chunk, *sparse.shape[2:])
-        outs = jax.lax.map(run, (images, chunks))
-        return tuple(x.reshape(b, q, *x.shape[3:]) for x in outs)
 
     def decode(self, embeddings: jax.Array, points: jax.Array, labels: jax.Array,
                multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -131,9 +108,6 @@ class EfficientSam(nn.Module):
         Returns low-res logits [B, Q, K, L, L] and raw IoU predictions [B, Q, K], with K = 3
         (multimask) or 1.
         """
-        if self.is_initializing():  # every mask token's parameters
-            out = self.decode_all(embeddings, points, labels)
-            return select_masks(out["logits"], out["iou"], multimask_output)
         # Only the selected mask tokens are decoded (the official selection, see select_masks).
         num_masks = self.config.num_multimask_outputs + 1
         ids = tuple(range(1, num_masks)) if multimask_output else (0,)
@@ -150,8 +124,7 @@ def _compiled_init(config: EfficientSamConfig):
     s = config.img_size
 
     def init(key):
-        # Dummy inputs made inside the traced function: this cached function may first be
-        # built under another trace (param_shapes' eval_shape), which must not leak into it.
+        # Inputs made inside: a first build under param_shapes' eval_shape must not leak in.
         images = jnp.zeros((1, s, s, 3), jnp.float32)
         points = jnp.zeros((1, 1, 2, 2), jnp.float32)
         labels = jnp.zeros((1, 1, 2), jnp.int32)

@@ -14,7 +14,7 @@ def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, x * (1 + erf(x / sqrt 2)) / 2, the formula of torch.nn.GELU().
 
     flax/jax default to the tanh approximation; jax's exact form goes through erfc, which
-    XLA's CPU backend evaluates about 1.4x slower than erf.
+    XLA's CPU backend evaluates more slowly than erf.
     """
     return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
 
@@ -29,7 +29,7 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, return_rstd: bool = False):
         """x [..., D] -> normalised x, and with `return_rstd` also 1 / sqrt(var + eps) [...]
-        (float32)."""
+        (float32; the fast decoder's factored tokens use it)."""
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,))
         bias = self.param("bias", nn.initializers.zeros, (d,))
@@ -75,8 +75,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
     q [..., T, D], k [..., S, D], v [..., S, D] -> [..., T, D] (leading dims broadcast).
     Heads are contiguous chunks of D; logits are scaled by 1 / sqrt(D / num_heads);
     softmax over keys in float32 (`softmax_matmul`). Heads are moved in front of the token
-    axis before the two matmuls: XLA's CPU backend runs that layout about 1.5x faster than a
-    head-inner einsum.
+    axis before the two matmuls: XLA's CPU backend runs that layout faster than a head-inner
+    einsum.
 
     query_chunk: when set and dividing T, queries are processed `query_chunk` at a time
     (`lax.map`), so each chunk's [H, chunk, S] logits stay in cache; rows of a softmax are
@@ -101,57 +101,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
         logits = logits + key_bias[..., None, None, :].astype(logits.dtype)
     out = jnp.swapaxes(softmax_matmul(logits, heads(v)), -2, -3)  # [..., T, H, D/H]
     return out.reshape(*out.shape[:-2], d)
-
-
-@jax.custom_vjp
-def rows_times_kernel(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [N, C] @ kernel [C, F] -> [N, F], for many rows N. The same product; its kernel
-    gradient is taken as x^T dy contracting the rows of both (one "TN" product).
-
-    Differentiating `x @ kernel` lets XLA's CPU backend pick the operands' layout for the
-    kernel gradient, and for the mask decoder's upscaling ([131072, 64] rows) it picked a
-    transposed upstream gradient that runs at 18 GFLOP/s, against 68-99 GFLOP/s for the
-    same sum written this way (benchmarks/products.py; BENCHMARKS.md).
-    """
-    return x @ kernel
-
-
-def _rows_times_kernel_fwd(x, kernel):
-    return x @ kernel, (x, kernel)
-
-
-def _rows_times_kernel_bwd(residuals, dy):
-    x, kernel = residuals
-    dkernel = jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())))
-    return dy @ kernel.T, dkernel.astype(kernel.dtype)
-
-
-rows_times_kernel.defvjp(_rows_times_kernel_fwd, _rows_times_kernel_bwd)
-
-
-class Linear(nn.Module):
-    """x @ kernel + bias with nn.Dense's parameters ({'kernel' [in, out], 'bias' [out]}).
-
-    The weights are also handed out unapplied (`weights()`), for callers that reassociate a
-    product (project a few tokens through the kernel instead of many image tokens).
-    """
-
-    in_features: int
-    features: int
-    dtype: Any = jnp.float32
-
-    def setup(self):
-        self.kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                                 (self.in_features, self.features))
-        self.bias = self.param("bias", nn.initializers.zeros, (self.features,))
-
-    def weights(self) -> tuple[jax.Array, jax.Array]:
-        """(kernel [in, out], bias [out]) in the compute dtype."""
-        return self.kernel.astype(self.dtype), self.bias.astype(self.dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel, bias = self.weights()
-        return x.astype(self.dtype) @ kernel + bias
 
 
 class Mlp(nn.Module):

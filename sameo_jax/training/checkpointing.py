@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from sameo_jax.checkpoint import item_handlers
 from sameo_jax.models.config import EfficientSamConfig
 from sameo_jax.training.state import TrainState
 
@@ -43,6 +44,7 @@ class TrainCheckpointer:
         self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_SUBDIR
         self.manager = ocp.CheckpointManager(
             self.directory,
+            item_handlers=item_handlers(),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
             ),

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from sameo_jax import distributed
+from sameo_jax.checkpoint import RANDOM_INIT, load_model
 from sameo_jax.data import pipeline
 from sameo_jax.models.config import model_config
 from sameo_jax.models.efficient_sam import (
@@ -48,8 +49,6 @@ from sameo_jax.training.optimizer import (
 from sameo_jax.training.state import TrainState
 from sameo_jax.training.step import batch_sharding, make_eval_step, make_train_step, replicated
 
-# config.init_checkpoint's explicit opt-in to random initial weights.
-RANDOM_INIT = "random"
 # Dispatched steps whose results are not read yet: the host prepares the next batch while
 # the devices run these, and never runs further ahead (bounded memory, honest progress).
 MAX_STEPS_IN_FLIGHT = 2
@@ -116,8 +115,6 @@ def initial_params(
         return _random_init(mesh)(model_cfg, jax.random.key(config.seed, impl="rbg"))
     if not config.init_checkpoint:
         raise ValueError("config.init_checkpoint is not set")
-    from sameo_jax.checkpoint import load_model
-
     path = pathlib.Path(config.init_checkpoint)
     if not path.exists():
         raise FileNotFoundError(

@@ -96,10 +96,8 @@ def make_train_step(
     'pixels_hw' int32 [B, 2]) or 'embedding' [B, E, E, D] (float32 or bfloat16),
     'prompt_boxes' [B, N, 4], 'amodal_masks' / 'visible_masks' bool [B, N, L, L], 'valid'.
     """
-    # The first transposed convolution reads the image tokens densely here: its factored
-    # form (models/low_rank.py) saves forward work but its backward reduces the gradient
-    # over the prompts, and the step measured 0.89x-0.97x the time without it (ViT-T, 2
-    # images x 4 boxes, CPU; BENCHMARKS.md). A compute-only choice: same parameters.
+    # Dense first upscale: the factored form's backward (models/fast/low_rank.py) costs more
+    # than its forward saves. A compute-only choice: same parameters (BENCHMARKS.md).
     model = model.clone(config=dataclasses.replace(model.config, factored_upscale=False))
 
     def train_step(state: TrainState, batch: Batch):

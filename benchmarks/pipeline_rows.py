@@ -13,12 +13,25 @@ Rows:
   the command and its worker processes, start to exit / examples written;
   `bytes_per_example` = the split's array_record files / examples written; `seconds` = the
   command's wall time with all workers.
+- `pipeline_encoder_path`, `pipeline_cached_path`: the training loader
+  (`sameo_jax.data.pipeline.make_train_loader`: batch 8, 1024 px, masks 256, 4 instances per
+  image; --workers N worker processes, default all cores) over the same scenes built as a
+  D2SA-layout train split (`write_d2sa_release`, `python -m datasets.build d2sa`), giving
+  batches for the step that runs the frozen encoder, or for the step that reads cached
+  embeddings (an on-disk cache of random bfloat16 [64, 64, 256] embeddings, written by the
+  benchmark). `images_per_second_per_core` = images delivered / CPU seconds of the loader
+  process and its workers over the second pass of the images (the first starts the workers
+  and checks the cache files);
+  `images_per_second` = the same images / wall seconds; `load_average` = the machine's
+  1-minute load when the timing starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import pathlib
 import resource
 import subprocess
@@ -131,7 +144,126 @@ def amodal_lvis_build(num_images: int, workers: int | None, work_dir: pathlib.Pa
     }
 
 
-ROWS = {"amodal_lvis_build": amodal_lvis_build}
+def write_d2sa_release(root: pathlib.Path, num_images: int, seed: int = 0) -> pathlib.Path:
+    """D2SA layout under root: D2S_amodal_training_rot0.json (COCO-style amodal records:
+    amodal and visible masks as RLE, bbox, occlude_rate) + images/*.jpg. Returns the file."""
+    from sameo_jax.boxes import box_from_mask, xyxy_to_xywh
+    from sameo_jax.masks import encode_rle
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        image, amodal = make_scene(np.random.default_rng([seed, i]))
+        name = f"{i + 1:06d}.jpg"
+        Image.fromarray(image).save(root / "images" / name, quality=JPEG_QUALITY)
+        images.append({"id": i + 1, "file_name": name, "height": image.shape[0],
+                       "width": image.shape[1]})
+        for k, (full, seen) in enumerate(zip(amodal, visible_masks(amodal), strict=True)):
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": i + 1, "category_id": 1 + k % 4,
+                "segmentation": encode_rle(full), "visible_mask": encode_rle(seen),
+                "occlude_rate": float(1 - seen.sum() / full.sum()), "iscrowd": 0,
+                "bbox": xyxy_to_xywh(box_from_mask(full)[None])[0].tolist()})
+    path = root / "D2S_amodal_training_rot0.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": c, "name": f"c{c}"} for c in range(1, 5)]}))
+    return path
+
+
+def _process_tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live descendants (the workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+LOADER = dict(batch_size=8, image_size=1024, mask_size=256, instances_per_image=4)
+EMBEDDING_SHAPE = (64, 64, 256)  # ViT-T / ViT-S at 1024 px
+
+
+def write_synthetic_cache(folder: pathlib.Path, name: str, split: str, source: Any) -> Any:
+    """An embedding cache of random bfloat16 embeddings for every example of `source` (what
+    the loader reads costs the same whatever the values); returns its reader."""
+    from sameo_jax.data import embedding_store
+
+    store = embedding_store.EmbeddingStore.create(
+        folder, {"note": "random embeddings for the loader benchmark"}, EMBEDDING_SHAPE)
+    writer = store.writer(name, split, len(source), 64, repr(source))
+    rng = np.random.default_rng(0)
+    for k in writer.pending():
+        indices = writer.shard_examples(k)
+        values = rng.standard_normal((len(indices), *EMBEDDING_SHAPE), np.float32)
+        writer.write(k, values, [source.record(i).image_id for i in indices])
+    return store.reader(name, split, repr(source))
+
+
+def _loader_row(name: str, cached: bool, num_images: int, workers: int | None,
+                work_dir: pathlib.Path) -> dict[str, Any]:
+    """A `pipeline_*_path` row: the training loader over a built D2SA-layout split, images
+    per CPU-second of the loader process and its workers over the second pass."""
+    from datasets import build
+    from sameo_jax.data import pipeline, sources
+
+    manual, data = work_dir / "manual", work_dir / "data"
+    write_d2sa_release(manual, num_images)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        build.main(["d2sa", "--manual_dir", str(manual), "--data_dir", str(data),
+                    "--split", "train"])
+    source = sources.open_source("d2sa", "train", str(data))
+    used = os.cpu_count() if workers is None else workers
+    size = LOADER["image_size"]
+    if cached:
+        reader = write_synthetic_cache(work_dir / "cache", "d2sa", "train", source)
+        inputs = {"embeddings": {"d2sa": reader}}
+    else:
+        inputs = {"image_pad_hw": (size, size)}
+    loader = pipeline.make_train_loader({"d2sa": source}, seed=0, worker_count=used,
+                                        **inputs, **LOADER)
+    batches = max(num_images // LOADER["batch_size"], 1)
+    for _ in range(batches):  # the first pass: workers start, cache shards are checked
+        next(loader)
+    cpu, wall = _process_tree_cpu_seconds(), time.perf_counter()
+    load = os.getloadavg()[0]
+    for _ in range(batches):
+        next(loader)
+    cpu, wall = _process_tree_cpu_seconds() - cpu, time.perf_counter() - wall
+    loader.close()
+    images = batches * LOADER["batch_size"]
+    return {
+        "name": name, "images_per_second_per_core": images / cpu,
+        "images_per_second": images / wall, "cpu_seconds": cpu, "seconds": wall,
+        "images": images, "workers": used, "cores": os.cpu_count(),
+        "load_average": load, "device": "cpu",
+        "note": (f"{num_images} JPEGs 640x480, {INSTANCES} instances, batch "
+                 f"{LOADER['batch_size']}, {size} px, masks {LOADER['mask_size']}, "
+                 f"{LOADER['instances_per_image']} instances per image; {used} workers; "
+                 + ("random bfloat16 embeddings from an on-disk cache, no image decoded"
+                    if cached else "uint8 images padded to the model frame for the step")),
+    }
+
+
+def pipeline_encoder_path(num_images: int, workers: int | None, work_dir: pathlib.Path
+                          ) -> dict[str, Any]:
+    """`pipeline_encoder_path`: batches for the step that runs the frozen encoder."""
+    return _loader_row("pipeline_encoder_path", False, num_images, workers, work_dir)
+
+
+def pipeline_cached_path(num_images: int, workers: int | None, work_dir: pathlib.Path
+                         ) -> dict[str, Any]:
+    """`pipeline_cached_path`: batches for the step that reads cached embeddings."""
+    return _loader_row("pipeline_cached_path", True, num_images, workers, work_dir)
+
+
+ROWS = {"amodal_lvis_build": amodal_lvis_build, "pipeline_encoder_path": pipeline_encoder_path,
+        "pipeline_cached_path": pipeline_cached_path}
 
 
 def run(names: list[str] | None = None, *, images: int = 200, workers: int | None = None,
@@ -142,7 +274,13 @@ def run(names: list[str] | None = None, *, images: int = 200, workers: int | Non
         with tempfile.TemporaryDirectory() as tmp:
             row = ROWS[name](images, workers, pathlib.Path(tmp))
         rows.append(row)
-        print(f"{name:<20} {row['cpu_ms_per_example']:7.1f} CPU-ms/example "
+        if "images_per_second_per_core" in row:
+            print(f"{name:<22} {row['images_per_second_per_core']:7.1f} images/CPU-s "
+                  f"{row['images_per_second']:7.1f} images/s wall ({row['images']} images, "
+                  f"{row['workers']} workers, {row['cores']} cores, load average "
+                  f"{row['load_average']:.1f})", flush=True)
+            continue
+        print(f"{name:<22} {row['cpu_ms_per_example']:7.1f} CPU-ms/example "
               f"{row['bytes_per_example'] / 1e3:7.1f} KB/example {row['seconds']:7.1f} s wall "
               f"({row['examples']} examples from {row['source_images']} images, "
               f"JPEGs {row['source_jpeg_bytes_per_image'] / 1e3:.1f} KB, "

@@ -77,7 +77,14 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
     c.data.demo_occlusion_range = (0.15, 0.6)
     c.data.demo_object_size = (0.24, 0.38)
     c.data.demo_dual = True
-    c.data.num_workers = 0  # grain worker processes (0: in the main process)
+    c.data.num_workers = -1  # grain worker processes (0: in the main process; < 0: the cores)
+    # embed.py's output folder: the frozen encoder's embeddings read from disk instead of
+    # computed in the step (training sources must all be in it; evaluation uses it where it
+    # holds the split). '' : the encoder runs in the step (or see cache_embeddings).
+    c.data.embedding_cache_dir = ""
+    # (height, width) images are zero-padded to before the jitted step resizes them to the
+    # model frame; () is the model frame itself. A larger image is resized on the host.
+    c.data.image_pad_hw = ()
 
     # Prompts and targets.
     c.prompt_mode = "random"  # random: modal or amodal box with p=0.5 | modal | amodal
@@ -106,7 +113,8 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
     c.adam_b2 = 0.999
     c.grad_clip_norm = 1.0  # 0 disables
     c.seed = 0
-    # Encode each training image once and reuse the embedding (needs a frozen image encoder).
+    # Encode each image once and keep its embedding in host memory for reuse (needs a frozen
+    # image encoder; for small sets: the on-disk data.embedding_cache_dir scales).
     c.cache_embeddings = False
 
     # Bookkeeping.
@@ -131,6 +139,7 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
         # to run the SAMEO recipe (decoder-only) instead.
         c.init_checkpoint = "random"
         c.trainable = (".*",)
+        c.data.num_workers = 0  # the scenes cost little to draw; the CPU step needs the cores
         c.model.overrides.img_size = 128
         # Scenes rendered at the model's input size, objects large enough to keep their
         # shape at the 32 x 32 mask size, and heavy occlusion (30-70% hidden), so that

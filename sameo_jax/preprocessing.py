@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -98,6 +99,55 @@ def resize_image(images, size: int):
         w1 = w1[:, None]
         x = xp.take(x, i0, axis=-2) * (1 - w1) + xp.take(x, i1, axis=-2) * w1
     return x
+
+
+def _dynamic_taps(in_sizes: jax.Array, out_size: int):
+    """`_linear_taps` for per-image input sizes [B] int32, in integer arithmetic (exact floor):
+    i0, i1 int32 [B, out_size] and the weight of i1, float32 [B, out_size]."""
+    den = 2 * out_size  # src = ((2 * dst + 1) * in - out) / (2 * out)
+    num = (2 * jnp.arange(out_size, dtype=jnp.int32) + 1)[None] * in_sizes[:, None] - out_size
+    num = jnp.maximum(num, 0)
+    i0 = jnp.minimum(num // den, in_sizes[:, None] - 1)
+    i1 = jnp.minimum(i0 + 1, in_sizes[:, None] - 1)
+    w1 = (num - i0 * den).astype(jnp.float32) / np.float32(den)
+    return i0, i1, w1
+
+
+def resize_padded(images: jax.Array, image_hw: jax.Array, size: int) -> jax.Array:
+    """`resize_image` of padded images, jittable: [B, P, Q, C] uint8 whose image b fills the
+    top-left image_hw[b] = (h, w) (int32 [B, 2]; the rest is padding, never read) ->
+    [B, size, size, C] float32. The same taps and float32 arithmetic as `resize_image`."""
+    hw = jnp.asarray(image_hw, jnp.int32)
+    i0, i1, w1 = _dynamic_taps(hw[:, 0], size)
+    rows0 = jnp.take_along_axis(images, i0[:, :, None, None], axis=1).astype(jnp.float32)
+    rows1 = jnp.take_along_axis(images, i1[:, :, None, None], axis=1).astype(jnp.float32)
+    w1 = w1[:, :, None, None]
+    x = rows0 * (1 - w1) + rows1 * w1
+    i0, i1, w1 = _dynamic_taps(hw[:, 1], size)
+    w1 = w1[:, None, :, None]
+    return (jnp.take_along_axis(x, i0[:, None, :, None], axis=2) * (1 - w1)
+            + jnp.take_along_axis(x, i1[:, None, :, None], axis=2) * w1)
+
+
+def pad_image(image: np.ndarray, pad_hw: tuple[int, int], size: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """[H, W, 3] uint8 -> ([P, Q, 3] uint8 padded with zeros, image_hw int32 [2]) for
+    `resize_padded` (pad_hw = (P, Q), both >= size).
+
+    An image larger than the pad on a side is resized to size x size here instead (rounded to
+    uint8: within half a grey level of the exact path) and its image_hw is (size, size).
+    """
+    p, q = pad_hw
+    if p < size or q < size:
+        raise ValueError(f"image pad {tuple(pad_hw)} is smaller than the model frame {size}")
+    image = np.asarray(image)
+    h, w = image.shape[:2]
+    if h > p or w > q:
+        image = np.clip(np.rint(resize_image(image, size)), 0, 255).astype(np.uint8)
+        h = w = size
+    out = np.zeros((p, q, image.shape[-1]), np.uint8)
+    out[:h, :w] = image
+    return out, np.asarray([h, w], np.int32)
 
 
 def normalize_image(images):

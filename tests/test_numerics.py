@@ -136,6 +136,31 @@ def test_bilinear_resize_matches_jax_without_antialias(shape):
                                atol=2e-4)
 
 
+@pytest.mark.parametrize("size", [1024, 100])
+def test_device_resize_of_padded_images_equals_host_resize(size):
+    """The jitted step's resize (uint8 padded to one shape, resized on the device) against
+    resize_image on the host: the same taps and float32 arithmetic, so within a few float32
+    ulps of 255 (the host rounds each weight from float64, XLA may fuse multiply-adds)."""
+    rng = np.random.default_rng(size)
+    shapes = [(480, 640), (37, 1242), (size, size), (1, 3), (1280, 1100)]
+    pad = (1280, 1280)
+    images = [rng.integers(0, 256, s + (3,), dtype=np.uint8) for s in shapes]
+    padded = [pp.pad_image(im, pad, size) for im in images]
+    batch = np.stack([p for p, _ in padded])
+    hw = np.stack([h for _, h in padded])
+    np.testing.assert_array_equal(hw, shapes)
+    got = np.asarray(jax.jit(pp.resize_padded, static_argnums=2)(batch, hw, size))
+    for image, resized in zip(images, got, strict=True):
+        np.testing.assert_allclose(resized, pp.resize_image(image, size), rtol=0, atol=1e-4)
+    # An image larger than the pad is resized on the host, rounded to uint8.
+    big = rng.integers(0, 256, (1300, 500, 3), dtype=np.uint8)
+    out, big_hw = pp.pad_image(big, pad, size)
+    assert tuple(big_hw) == (size, size) and not out[size:].any() and not out[:, size:].any()
+    np.testing.assert_allclose(out[:size, :size], pp.resize_image(big, size), atol=0.5)
+    with pytest.raises(ValueError, match="smaller than the model frame"):
+        pp.pad_image(big, (size - 1, size), size)
+
+
 def test_rescale_points_per_axis_and_negative_to_minus_one():
     pts = np.array([[100.0, 50.0], [-5.0, 30.0], [-1.0, -1.0], [700.0, 400.0]], np.float32)
     got = pp.rescale_points(pts, (400, 700), 1024)

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from configs.sameo import get_config
-from sameo_jax.training import loop, optimizer
+from sameo_jax.training import embed, loop, optimizer
 from sameo_jax.training.checkpointing import TrainCheckpointer, abstract_like
 from sameo_jax.training.state import TrainState
 
@@ -114,6 +114,26 @@ def full_run(tmp_path_factory):
     init = loop.initial_params(c, loop.build_model_config(c))
     state = loop.train_and_evaluate(c, workdir)
     return c, jax.device_get(init), jax.device_get(state), workdir
+
+
+def test_on_disk_embedding_cache_gives_the_encoders_losses(full_run, tmp_path):
+    """The first steps again, reading the frozen encoder's embeddings from an embed.py cache
+    (bfloat16: rtol 1e-2), as a user would: the cache made first, then the config key."""
+    c, init, _, workdir = full_run
+    cache = tmp_path / "cache"
+    embed.write_embeddings(c, loop.build_model_config(c), init, cache, [c.data.train_split])
+    cached = micro_config(total_steps=3)
+    cached.data.embedding_cache_dir = str(cache)
+    loop.train_and_evaluate(cached, tmp_path / "cached")
+    losses = [m["loss"] for m in read_metrics(tmp_path / "cached") if "loss" in m]
+    want = [m["loss"] for m in read_metrics(workdir) if "loss" in m][:3]
+    np.testing.assert_allclose(losses, want, rtol=1e-2)
+    # With weights other than those the cache was made of, the run stops at once, by name.
+    other = micro_config(total_steps=3, seed=1)
+    other.data.embedding_cache_dir = str(cache)
+    with pytest.raises(ValueError, match=f"embedding cache {cache} was made with other "
+                                         "encoder weights"):
+        loop.train_and_evaluate(other, tmp_path / "other")
 
 
 def test_frozen_params_bit_identical_decoder_changed(full_run):

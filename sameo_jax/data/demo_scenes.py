@@ -242,7 +242,8 @@ class DemoSource:
 
     def __repr__(self) -> str:
         return (f"DemoSource(num_examples={self.num_examples}, image_size={self.image_size}, "
-                f"seed={self.seed}, dual={self.dual})")
+                f"seed={self.seed}, occlusion_range={self.occlusion_range}, "
+                f"object_size={self.object_size}, dual={self.dual})")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)

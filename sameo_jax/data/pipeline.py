@@ -4,21 +4,32 @@ API
     make_train_dataset(sources, *, batch_size, image_size, mask_size, instances_per_image,
                        prompt_mode="random", box_jitter=0.0, mixture="log_proportional",
                        seed=0, start=0, process_index=0, process_count=1, worker_count=0,
-                       read_threads=0, ...) -> grain.IterDataset
+                       read_threads=0, image_pad_hw=None, embeddings=None, ...)
+        -> grain.IterDataset
     make_train_loader(...same...) -> grain.DatasetIterator   # = iter(make_train_dataset(...))
     make_eval_loader(source, *, batch_size, image_size, mask_size, instances_per_image,
-                     prompt_mode="modal", process_index=0, process_count=1, ...)
+                     prompt_mode="modal", process_index=0, process_count=1,
+                     image_pad_hw=None, embeddings=None, ...)
         -> Iterator[batch]   # one ordered pass (over this process's examples)
     to_global_batch(batch, sharding) -> pytree of jax.Array   # place a host batch on devices
     prepare_example(example, rng, *, image_size, mask_size, instances_per_image, ...)
 
-Sources are anything random-access (`len`, `[i]` -> example in the project schema):
-`sameo_jax.data.sources.open_source(...)` for built TFDS data, or `DemoSource`.
+Sources are anything random-access (`len`, `[i]` -> example in the project schema, or
+`record(i)` -> `sources.Record`, decoded on demand): `sameo_jax.data.sources.open_source(...)`
+for built TFDS data, or `DemoSource`.
 
 Training batch (numpy, host-local; B = batch_size // process_count, S = image_size,
-N = instances_per_image, L = mask_size):
-    'image'            uint8   [B, S, S, 3]  preprocessing.resize_image (bilinear, no
-                                             antialias, aspect not kept), rounded to uint8
+N = instances_per_image, L = mask_size), the image as one of three:
+    'image'            uint8   [B, P, Q, 3]  with image_pad_hw = (P, Q): the image as stored,
+    'pixels_hw'        int32   [B, 2]        in the top-left pixels_hw, zeros elsewhere; the
+                                             jitted step resizes it to S
+                                             (preprocessing.pad_image / resize_padded)
+    'image'            uint8   [B, S, S, 3]  with image_pad_hw None: preprocessing.resize_image
+                                             on the host (bilinear, no antialias, aspect not
+                                             kept), rounded to uint8
+    'embedding'        bfloat16 [B, E, E, D] with `embeddings` (an on-disk cache,
+                                             sameo_jax.data.embedding_store): no image decoded
+and the rest:
     'image_key'        int32   [B]           offset of the source + index in it (offsets: the
                                              sizes of the sources before it, in dict order)
     'prompt_boxes'     float32 [B, N, 4]     xyxy in the S frame (x * S / W, y * S / H)
@@ -35,6 +46,10 @@ instances with an empty amodal mask are never used), choose each prompt box (pro
 box), optionally jitter it (`box_jitter` = std of each coordinate's noise as a fraction of
 the box width / height, noise clipped to +-2 std, box clipped to the image), rescale it to
 the S frame, and pad to N.
+
+Only the chosen instances' masks are decoded where the source gives records
+(`sources.TfdsSource.record`: built data sets); there, usable instances are those whose
+amodal box has an area (the builders drop empty masks).
 
 Target masks at L: each L x L cell is in the mask when at least half of its area is covered
 ("majority area pooling": PIL's BOX filter, an exact area average, thresholded at 0.5). The
@@ -63,17 +78,20 @@ worker_count: resume with the same worker_count). With orbax, save it beside the
 from __future__ import annotations
 
 import math
+import queue
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
 import jax
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from PIL import Image
 
 from sameo_jax.data import mixture as mixture_lib
-from sameo_jax.preprocessing import rescale_points, resize_image
+from sameo_jax.preprocessing import pad_image, rescale_points, resize_image
 
 PROMPT_MODES = ("random", "modal", "amodal")
 BATCH_KEYS = ("image", "image_key", "prompt_boxes", "prompt_is_amodal", "amodal_masks",
@@ -141,8 +159,41 @@ def jitter_boxes(boxes: np.ndarray, scale: float, rng: np.random.Generator,
     return np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=-1).astype(np.float32)
 
 
+class DecodedExample:
+    """A schema example (every array decoded already) behind the interface of
+    `sources.Record`: image_id, objects, image_hw(), image(), masks(kind, indices),
+    usable()."""
+
+    def __init__(self, example: Mapping[str, Any], where: str = "example"):
+        _check_example(example, where)
+        self.example = example
+        self.objects = example["objects"]
+        self.image_id = int(example.get("image_id", -1))
+        self.num_instances = len(self.objects["amodal_bbox"])
+
+    def image_hw(self) -> tuple[int, int]:
+        return tuple(np.shape(self.example["image"])[:2])
+
+    def image(self) -> np.ndarray:
+        return np.asarray(self.example["image"])
+
+    def masks(self, kind: str, indices: Any) -> np.ndarray:
+        return np.asarray(self.objects[f"{kind}_mask"], bool)[np.asarray(indices, np.int64)]
+
+    def usable(self) -> np.ndarray:
+        """Instances with a non-empty amodal mask."""
+        area = np.asarray(self.objects["amodal_mask"]).reshape(self.num_instances, -1)
+        return np.flatnonzero(area.any(axis=1))
+
+
+def as_record(example: Any, where: str = "example") -> Any:
+    """A `sources.Record` (or anything with its interface) as it is; a schema dict wrapped
+    in `DecodedExample`."""
+    return example if hasattr(example, "masks") else DecodedExample(example, where)
+
+
 def prepare_example(
-    example: Mapping[str, Any],
+    example: Any,
     rng: np.random.Generator | None,
     *,
     image_size: int,
@@ -153,21 +204,23 @@ def prepare_example(
     box_jitter: float = 0.0,
     image_key: int = 0,
     instances: Sequence[int] | None = None,
+    image_pad_hw: tuple[int, int] | None = None,
+    embedding: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """One schema example -> one row of the training batch (keys BATCH_KEYS, no B axis).
+    """One example (a schema dict or a `sources.Record`) -> one row of the training batch
+    (no B axis; see the module docstring for which image keys it gets).
 
     rng: randomness for instance subsampling, random prompts and jitter (None: none allowed).
     instances: explicit instance indices to use (at most N; the evaluation path); default:
-    all usable instances, N of them at random when there are more.
+    all usable instances, N of them at random when there are more. Only the used instances'
+    masks are decoded, and the image only when there is no `embedding`.
     """
-    image = np.asarray(example["image"])
-    h, w = image.shape[:2]
-    objects = example["objects"]
+    record = as_record(example)
+    h, w = record.image_hw()
+    objects = record.objects
     n_max = instances_per_image
-    amodal_area = np.asarray(objects["amodal_mask"]).reshape(len(objects["amodal_bbox"]), -1)
-    usable = np.flatnonzero(amodal_area.any(axis=1))
     if instances is None:
-        chosen = usable
+        chosen = record.usable()
         if len(chosen) > n_max:
             if rng is None:
                 raise ValueError("more instances than instances_per_image and no rng")
@@ -180,7 +233,7 @@ def prepare_example(
 
     amodal_boxes = np.asarray(objects["amodal_bbox"], np.float32)[chosen].reshape(k, 4)
     visible_boxes = np.asarray(objects["visible_bbox"], np.float32)[chosen].reshape(k, 4)
-    visible_masks = np.asarray(objects["visible_mask"], bool)[chosen]
+    visible_masks = record.masks("visible", chosen)
     has_visible = visible_masks.reshape(k, -1).any(axis=1)
     if prompt_mode == "random":
         if rng is None:
@@ -198,21 +251,30 @@ def prepare_example(
         boxes = jitter_boxes(boxes, box_jitter, rng, (h, w))
     boxes = rescale_points(boxes.reshape(k, 2, 2), (h, w), image_size).reshape(k, 4)
 
-    amodal_small = downsample_masks(np.asarray(objects["amodal_mask"], bool)[chosen], mask_size)
+    amodal_small = downsample_masks(record.masks("amodal", chosen), mask_size)
     visible_small = downsample_masks(visible_masks, mask_size)
     valid = amodal_small.reshape(k, -1).any(axis=1)
-
-    resized = resize_image(image, image_size)
-    if resized.dtype != np.uint8:
-        resized = np.clip(np.rint(resized), 0, 255).astype(np.uint8)
 
     def pad(x: np.ndarray, dtype) -> np.ndarray:
         out = np.zeros((n_max, *x.shape[1:]), dtype)
         out[:k] = x
         return out
 
+    row = {}
+    if embedding is not None:
+        row["embedding"] = embedding
+    elif image_pad_hw is not None:
+        if h > image_pad_hw[0] or w > image_pad_hw[1]:
+            logging.log_first_n(
+                logging.WARNING, "a %dx%d image exceeds the image pad %s: such images are "
+                "resized on the host (rounded to uint8); a larger pad (config.data."
+                "image_pad_hw) keeps the resize exact", 1, h, w, tuple(image_pad_hw))
+        row["image"], row["pixels_hw"] = pad_image(record.image(), image_pad_hw, image_size)
+    else:
+        resized = resize_image(record.image(), image_size)
+        row["image"] = np.clip(np.rint(resized), 0, 255).astype(np.uint8)
     return {
-        "image": resized,
+        **row,
         "image_key": np.int32(image_key),
         "prompt_boxes": pad(np.where(valid[:, None], boxes, 0.0), np.float32),
         "prompt_is_amodal": pad(is_amodal & valid, bool),
@@ -225,14 +287,47 @@ def prepare_example(
     }
 
 
+def _load(source: Any, index: int, where: str) -> Any:
+    """Example `index` of a source: its `record(index)` where it has one (decoded on demand),
+    else `[index]` wrapped in `DecodedExample`."""
+    if hasattr(source, "record"):
+        return source.record(index)
+    return DecodedExample(source[index], where)
+
+
+def _cached(embeddings: Any, record: Any, index: int, where: str) -> np.ndarray:
+    """The cached embedding of example `index`, after checking it was made of this image."""
+    if record.image_id != embeddings.image_id(index):
+        raise ValueError(
+            f"{where}: image id {record.image_id}, but the embedding cache "
+            f"{embeddings.directory} holds image id {embeddings.image_id(index)} there (made of "
+            "other data; write the cache again with embed.py)")
+    return embeddings.get(index)
+
+
+def _check_embeddings(name: str, source: Any, embeddings: Any) -> None:
+    if len(embeddings) != len(source):
+        raise ValueError(f"embedding cache {embeddings.directory} holds {len(embeddings)} "
+                         f"examples, source {name!r} has {len(source)}")
+
+
 class _KeyedSources:
     """Global image keys <-> (source, index): key = offset of the source + index."""
 
-    def __init__(self, sources: Mapping[str, Any]):
+    def __init__(self, sources: Mapping[str, Any], embeddings: Mapping[str, Any] | None = None):
         if not sources:
             raise ValueError("pipeline: no sources given")
         self.names = list(sources)
         self.sources = [sources[n] for n in self.names]
+        self.embeddings = None
+        if embeddings is not None:
+            missing = [n for n in self.names if n not in embeddings]
+            if missing:
+                raise ValueError(f"pipeline: no cached embeddings for sources {missing}")
+            self.embeddings = [embeddings[n] for n in self.names]
+            for name, source, cached in zip(self.names, self.sources, self.embeddings,
+                                            strict=True):
+                _check_embeddings(name, source, cached)
         self.sizes = [len(s) for s in self.sources]
         for name, size in zip(self.names, self.sizes, strict=True):
             if size <= 0:
@@ -241,12 +336,15 @@ class _KeyedSources:
         if self.offsets[-1] > np.iinfo(np.int32).max:
             raise ValueError("pipeline: more than 2**31 images in all; image_key is int32")
 
-    def load(self, key: int) -> tuple[int, Mapping[str, Any]]:
+    def load(self, key: int) -> tuple[int, Any, np.ndarray | None]:
+        """(key, the example as a record, its cached embedding or None)."""
         d = int(np.searchsorted(self.offsets, key, side="right") - 1)
         index = int(key - self.offsets[d])
-        example = self.sources[d][index]
-        _check_example(example, f"source {self.names[d]!r} example {index}")
-        return int(key), example
+        where = f"source {self.names[d]!r} example {index}"
+        record = _load(self.sources[d], index, where)
+        if self.embeddings is None:
+            return int(key), record, None
+        return int(key), record, _cached(self.embeddings[d], record, index, where)
 
 
 def make_train_dataset(
@@ -269,10 +367,15 @@ def make_train_dataset(
     read_threads: int = 0,
     prefetch_batches: int = 4,
     mixture_block_size: int = 1024,
+    image_pad_hw: tuple[int, int] | None = None,
+    embeddings: Mapping[str, Any] | None = None,
 ) -> grain.IterDataset:
     """Infinite, shuffled, mixed stream of training batches (see the module docstring).
 
-    sources: name -> random-access source of schema examples. batch_size is the global batch;
+    sources: name -> random-access source of schema examples. image_pad_hw: give the image
+    padded to (P, Q) for the step to resize (None: resized here). embeddings: name ->
+    `embedding_store.SplitReader` of that source, for every source: rows carry the cached
+    embedding and no image. batch_size is the global batch;
     this process gets rows [process_index * b, (process_index + 1) * b) of each, b =
     batch_size // process_count. start: the global stream's first example (the number of
     examples consumed so far). Returns a grain IterDataset; `iter()` of it is a
@@ -288,7 +391,7 @@ def make_train_dataset(
         raise ValueError(f"amodal_prompt_prob must be in [0, 1], got {amodal_prompt_prob}")
     if not (math.isfinite(box_jitter) and box_jitter >= 0):
         raise ValueError(f"box_jitter must be >= 0, got {box_jitter}")
-    keyed = _KeyedSources(sources)
+    keyed = _KeyedSources(sources, embeddings)
     weights = mixture_lib.mixture_weights(dict(zip(keyed.names, keyed.sizes, strict=True)),
                                           mixture)
     streams = []
@@ -298,12 +401,13 @@ def make_train_dataset(
     mixed = mixture_lib.mix_datasets(streams, [weights[n] for n in keyed.names],
                                      seed=_sub_seed(seed, 2), block_size=mixture_block_size)
 
-    def prepare(item: tuple[int, Mapping[str, Any]], rng: np.random.Generator):
-        key, example = item
+    def prepare(item: tuple[int, Any, np.ndarray | None], rng: np.random.Generator):
+        key, record, embedding = item
         return prepare_example(
-            example, rng, image_size=image_size, mask_size=mask_size,
+            record, rng, image_size=image_size, mask_size=mask_size,
             instances_per_image=instances_per_image, prompt_mode=prompt_mode,
-            amodal_prompt_prob=amodal_prompt_prob, box_jitter=box_jitter, image_key=key)
+            amodal_prompt_prob=amodal_prompt_prob, box_jitter=box_jitter, image_key=key,
+            image_pad_hw=image_pad_hw, embedding=embedding)
 
     if not 0 <= process_index < process_count or batch_size % process_count:
         raise ValueError(f"pipeline: batch_size {batch_size} does not split among "
@@ -345,6 +449,8 @@ def make_eval_loader(
     read_threads: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    image_pad_hw: tuple[int, int] | None = None,
+    embeddings: Any = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over a source in order, no randomness; every usable instance exactly once.
 
@@ -355,29 +461,34 @@ def make_eval_loader(
     next N instances). The last batch is completed with all-invalid rows. Batches carry
     BATCH_KEYS plus 'instance_index' int32 [B, N] (index in the example's objects; -1 for
     padding) and 'image_hw' int32 [B, 2] (original size). prompt_mode: "modal" | "amodal".
-    limit: use only the first `limit` examples.
+    limit: use only the first `limit` examples. image_pad_hw, embeddings (one SplitReader):
+    as for `make_train_dataset`.
     """
     if prompt_mode not in ("modal", "amodal"):
         raise ValueError(f"eval prompt_mode must be 'modal' or 'amodal', got {prompt_mode!r}")
     n = len(source) if limit is None else min(int(limit), len(source))
 
+    if embeddings is not None:
+        _check_embeddings("eval", source, embeddings)
+
     def rows(index: int) -> list[dict[str, np.ndarray]]:
-        example = source[index]
-        _check_example(example, f"eval source example {index}")
-        amodal = np.asarray(example["objects"]["amodal_mask"])
-        usable = np.flatnonzero(amodal.reshape(len(amodal), -1).any(axis=1))
+        where = f"eval source example {index}"
+        record = _load(source, index, where)
+        embedding = None if embeddings is None else _cached(embeddings, record, index, where)
+        usable = record.usable()
         chunks = [usable[i : i + instances_per_image]
                   for i in range(0, len(usable), instances_per_image)] or [usable]
         out = []
         for chunk in chunks:
             row = prepare_example(
-                example, None, image_size=image_size, mask_size=mask_size,
+                record, None, image_size=image_size, mask_size=mask_size,
                 instances_per_image=instances_per_image, prompt_mode=prompt_mode,
-                image_key=image_key_offset + index, instances=chunk)
+                image_key=image_key_offset + index, instances=chunk,
+                image_pad_hw=image_pad_hw, embedding=embedding)
             ids = np.full(instances_per_image, -1, np.int32)
             ids[: len(chunk)] = chunk
             row["instance_index"] = np.where(row["valid"], ids, -1).astype(np.int32)
-            row["image_hw"] = np.asarray(np.shape(example["image"])[:2], np.int32)
+            row["image_hw"] = np.asarray(record.image_hw(), np.int32)
             out.append(row)
         return out
 
@@ -415,6 +526,62 @@ def to_global_batch(batch: Any, sharding: jax.sharding.Sharding) -> Any:
     PartitionSpec('data') over the mesh's data axis).
     """
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+class DevicePrefetch:
+    """Iterator over `place(batch)` of each host batch, `size` of them placed ahead by a
+    thread: the next batches are fetched and sent to the devices (asynchronously) while the
+    current step runs. Errors in the thread are raised here, in order; `close()` stops it.
+    """
+
+    _END = object()
+
+    def __init__(self, batches: Iterator[Any], place: Any, size: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(int(size), 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(batches, place), daemon=True,
+                                        name="device-prefetch")
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, batches: Iterator[Any], place: Any) -> None:
+        try:
+            for batch in batches:
+                if not self._put((place(batch), None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put((None, e))
+
+    def __iter__(self) -> DevicePrefetch:
+        return self
+
+    def __next__(self) -> Any:
+        item, error = self._queue.get()
+        if error is not None:
+            self.close()
+            raise error
+        if item is self._END:
+            raise StopIteration
+        return item
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops the thread, waiting up to `timeout` seconds for the batch it is fetching."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(timeout=0.1)
 
 
 def batch_spec(batch_size: int, image_size: int, mask_size: int,

@@ -15,6 +15,7 @@ Built data is read with `tfds.data_source` machinery (array_record, no TensorFlo
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 from typing import Any
@@ -64,7 +65,11 @@ def _version_dir(root: pathlib.Path, name: str, data_dir: str) -> pathlib.Path:
 
 
 class TfdsSource:
-    """A built split read through `tfds` array_record data sources, decoded to the schema."""
+    """A built split read through `tfds` array_record data sources, decoded to the schema.
+
+    `[i]` decodes the whole example; `record(i)` decodes only what is asked of it (`Record`)
+    and `image(i)` only the image.
+    """
 
     def __init__(self, path: str | os.PathLike, split: str):
         import tensorflow_datasets as tfds
@@ -79,6 +84,10 @@ class TfdsSource:
                 f"(has: {', '.join(builder.info.splits)})"
             )
         self._source = builder.as_data_source(split=split)
+        self._raw = builder.as_data_source(
+            split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+        self._features = builder.info.features
+        self._parser = None
 
     def __len__(self) -> int:
         return len(self._source)
@@ -86,8 +95,110 @@ class TfdsSource:
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}, len={len(self)})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_parser": None}  # rebuilt on first use in a worker
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return to_schema(self._source[int(index)])
+
+    def record(self, index: int) -> Record:
+        """Example `index` with its image and masks left encoded until asked for."""
+        if self._parser is None:
+            from tensorflow_datasets.core import example_parser
+
+            self._parser = example_parser.ExampleParserNp(self._features.get_serialized_info())
+        parsed = self._parser.parse_example(self._raw[int(index)])
+        return Record(parsed, self._features, f"{self.name} {self.split} example {index}")
+
+    def image(self, index: int) -> tuple[np.ndarray, int]:
+        """(image uint8 [H, W, 3], image_id) of example `index`, no mask decoded."""
+        record = self.record(index)
+        return record.image(), record.image_id
+
+
+class Record:
+    """One stored example, decoded on demand: `objects` holds the per-instance boxes and
+    numbers (schema keys other than the masks), `image()` decodes the image and
+    `masks(kind, indices)` the chosen instances' masks only.
+
+    Raises ValueError naming the example for masks that do not fit the image.
+    """
+
+    def __init__(self, parsed: dict[str, Any], features: Any, where: str):
+        self.where = where
+        self._parsed = parsed
+        self._features = features
+        obj = parsed["objects"]
+        self.image_id = int(parsed["image_id"])
+        source = parsed["source"]
+        self.source = source.decode() if isinstance(source, bytes) else str(source)
+        n = len(np.asarray(obj["category_id"]).reshape(-1))
+        self.num_instances = n
+        self.objects = {
+            "amodal_bbox": np.asarray(obj["amodal_bbox"], np.float32).reshape(-1, 4),
+            "visible_bbox": np.asarray(obj["visible_bbox"], np.float32).reshape(-1, 4),
+            "category_id": np.asarray(obj["category_id"], np.int64).reshape(-1),
+            "occlusion_rate": np.asarray(obj["occlusion_rate"], np.float32).reshape(-1),
+            "order": (np.asarray(obj["order"], np.int64).reshape(-1) if "order" in obj
+                      else np.zeros(n, np.int64)),
+        }
+        for key in ("amodal_mask", "visible_mask"):
+            if len(obj[key]) != n:
+                raise ValueError(f"{where}: {len(obj[key])} {key}s for {n} instances")
+        self._hw: tuple[int, int] | None = None
+
+    def usable(self) -> np.ndarray:
+        """Instances whose amodal box has an area (the builders drop empty masks; a mask
+        found empty when decoded makes its row invalid in the pipeline)."""
+        box = self.objects["amodal_bbox"]
+        return np.flatnonzero((box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1]))
+
+    def image_hw(self) -> tuple[int, int]:
+        """(H, W) from the image file's header (nothing decoded)."""
+        if self._hw is None:
+            from PIL import Image
+
+            try:
+                with Image.open(io.BytesIO(self._parsed["image"])) as im:
+                    w, h = im.size
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{self.where}: unreadable image ({e})") from None
+            self._hw = (h, w)
+        return self._hw
+
+    def image(self) -> np.ndarray:
+        """The image, uint8 [H, W, 3] (an Amodal-LVIS record's occluder pasted in)."""
+        image = np.asarray(self._features["image"].decode_example_np(self._parsed["image"]),
+                           np.uint8)
+        if "occluders" in self._parsed:
+            from sameo_jax.data import amodal_lvis
+
+            occluders = self._features["occluders"].decode_example_np(self._parsed["occluders"])
+            image = amodal_lvis.paste_occluders(image, amodal_lvis.stored_patches(occluders))
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"{self.where}: image of shape {image.shape}, expected [H, W, 3]")
+        self._hw = image.shape[:2]
+        return image
+
+    def masks(self, kind: str, indices: Any) -> np.ndarray:
+        """bool [k, H, W]: the `kind` ('amodal' | 'visible') masks of instances `indices`."""
+        from PIL import Image
+
+        h, w = self.image_hw()
+        out = np.zeros((len(indices), h, w), bool)
+        for row, i in enumerate(indices):
+            data = self._parsed["objects"][f"{kind}_mask"][int(i)]
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    mask = np.asarray(im) if im.mode == "1" else np.asarray(im) != 0
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{self.where}: unreadable {kind} mask {int(i)} ({e})") from None
+            mask = mask.reshape(mask.shape[:2]) if mask.ndim == 3 and mask.shape[-1] == 1 else mask
+            if mask.shape != (h, w):
+                raise ValueError(f"{self.where}: {kind} mask {int(i)} is {mask.shape}, the "
+                                 f"image {h}x{w}")
+            out[row] = mask
+        return out
 
 
 def to_schema(record: dict[str, Any]) -> dict[str, Any]:

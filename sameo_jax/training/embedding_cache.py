@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sameo_jax.models.efficient_sam import EfficientSam
-from sameo_jax.preprocessing import normalize_image
+from sameo_jax.preprocessing import normalize_image, resize_padded
 
 
 class EmbeddingCache:
@@ -36,7 +36,9 @@ class EmbeddingCache:
         self.hits = 0
         self.misses = 0
 
-        def encode(params, images):
+        def encode(params, images, pixels_hw):
+            if pixels_hw is not None:  # padded: resized as in the step
+                images = resize_padded(images, pixels_hw, model.config.img_size)
             return model.apply(
                 {"params": {"image_encoder": params}}, normalize_image(images),
                 method=EfficientSam.encode,
@@ -48,15 +50,17 @@ class EmbeddingCache:
         return len(self._store)
 
     def embeddings(self, batch: dict[str, np.ndarray], namespace: Hashable) -> np.ndarray:
-        """batch: host-local 'image' uint8 [B, S, S, 3], 'image_key' int [B] (unique within
+        """batch: host-local 'image' uint8 [B, S, S, 3] (or padded, with 'pixels_hw' [B, 2]),
+        'image_key' int [B] (unique within
         `namespace`: one source's split, or a mixed stream's global keys) -> float32
         [B, E, E, D]."""
         keys = [(namespace, int(k)) for k in np.asarray(batch["image_key"]).reshape(-1)]
         missing = [i for i, k in enumerate(keys) if k not in self._store]
         if missing:
             # Encode the whole batch (one fixed shape, one compilation) and keep the misses.
-            images = jax.device_put(np.asarray(batch["image"]), self._images_sharding)
-            emb = np.asarray(self._encode(self._params, images), np.float32)
+            images, pixels_hw = jax.device_put(
+                (np.asarray(batch["image"]), batch.get("pixels_hw")), self._images_sharding)
+            emb = np.asarray(self._encode(self._params, images, pixels_hw), np.float32)
             for i in missing:
                 self._store[keys[i]] = emb[i]
         self.misses += len(missing)

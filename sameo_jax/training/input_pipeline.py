@@ -7,6 +7,7 @@ evaluation splits the examples.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sameo_jax.data import pipeline
+from sameo_jax.data import embedding_store, pipeline
 from sameo_jax.data.demo_scenes import DemoSource
 from sameo_jax.data.sources import DEMO_SPLITS, open_source
 from sameo_jax.models.config import EfficientSamConfig
@@ -79,16 +80,53 @@ def per_process_batch(config: ml_collections.ConfigDict) -> int:
     return config.batch_size // jax.process_count()
 
 
+def num_workers(config: ml_collections.ConfigDict) -> int:
+    """config.data.num_workers, or the cores this process may run on when it is < 0."""
+    if config.data.num_workers >= 0:
+        return config.data.num_workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def image_pad_hw(config: ml_collections.ConfigDict, model_cfg: EfficientSamConfig
+                 ) -> tuple[int, int]:
+    """(P, Q) that images are padded to for the step's resize: config.data.image_pad_hw, or
+    the model frame (S, S) when it is empty."""
+    pad = tuple(int(x) for x in config.data.image_pad_hw)
+    if not pad:
+        return model_cfg.img_size, model_cfg.img_size
+    if len(pad) != 2 or min(pad) < model_cfg.img_size:
+        raise ValueError(f"config.data.image_pad_hw={pad}: give (height, width), each at least "
+                         f"the model frame {model_cfg.img_size}, or () for the model frame")
+    return pad
+
+
+def open_embeddings(config: ml_collections.ConfigDict, model_cfg: EfficientSamConfig,
+                    encoder_params: Any) -> embedding_store.EmbeddingStore | None:
+    """The on-disk embedding cache config.data.embedding_cache_dir (None when unset), refused
+    (CacheError) when made with other encoder weights or preprocessing."""
+    if not config.data.embedding_cache_dir:
+        return None
+    return embedding_store.EmbeddingStore(
+        config.data.embedding_cache_dir, embedding_store.fingerprint(model_cfg, encoder_params))
+
+
 def train_iterator(
-    config: ml_collections.ConfigDict, model_cfg: EfficientSamConfig, start: int = 0
+    config: ml_collections.ConfigDict, model_cfg: EfficientSamConfig, start: int = 0,
+    store: embedding_store.EmbeddingStore | None = None,
 ) -> Iterator:
     """Endless, shuffled, mixed training batches: this process's rows of each global batch.
 
     The global stream is one, drawn from config.seed, whatever the number of processes;
     `start` is the number of its examples already consumed (the position to resume from).
+    With an embedding cache `store`, every training source must be in it: the batches carry
+    embeddings and no image is decoded.
     """
+    split = config.data.train_split
+    sources = open_sources(config, split)
+    embeddings = None if store is None else {
+        name: store.reader(name, split, repr(source)) for name, source in sources.items()}
     return pipeline.make_train_loader(
-        open_sources(config, config.data.train_split),
+        sources,
         batch_size=config.batch_size,
         image_size=model_cfg.img_size,
         mask_size=model_cfg.low_res_size,
@@ -100,21 +138,30 @@ def train_iterator(
         start=start,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        worker_count=config.data.num_workers,
+        worker_count=num_workers(config),
+        image_pad_hw=image_pad_hw(config, model_cfg),
+        embeddings=embeddings,
     )
 
 
 def eval_passes(
-    config: ml_collections.ConfigDict, model_cfg: EfficientSamConfig
+    config: ml_collections.ConfigDict, model_cfg: EfficientSamConfig,
+    store: embedding_store.EmbeddingStore | None = None,
 ) -> dict[str, Callable[[], Iterator[dict[str, np.ndarray]]]]:
     """name -> function giving one ordered pass over this process's share of that source's
     eval split (fixed `eval_prompt_mode` prompts), in batches of `per_process_batch` rows.
 
     Process p reads examples p, p + P, ...: together the processes cover the split once.
+    A source whose eval split is in the embedding cache `store` is read from it.
     """
     limit = config.data.eval_examples or None
+    split = config.data.eval_split
 
-    def passes(source: Any) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+    def passes(name: str, source: Any) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+        embeddings = None
+        if store is not None and store.has_split(name, split):
+            embeddings = store.reader(name, split, repr(source))
+
         def one_pass() -> Iterator[dict[str, np.ndarray]]:
             return pipeline.make_eval_loader(
                 source,
@@ -126,8 +173,11 @@ def eval_passes(
                 limit=limit,
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
+                read_threads=num_workers(config),
+                image_pad_hw=image_pad_hw(config, model_cfg),
+                embeddings=embeddings,
             )
 
         return one_pass
 
-    return {name: passes(s) for name, s in open_sources(config, config.data.eval_split).items()}
+    return {name: passes(name, s) for name, s in open_sources(config, split).items()}

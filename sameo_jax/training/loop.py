@@ -52,6 +52,7 @@ from sameo_jax.training.step import batch_sharding, make_eval_step, make_train_s
 # Dispatched steps whose results are not read yet: the host prepares the next batch while
 # the devices run these, and never runs further ahead (bounded memory, honest progress).
 MAX_STEPS_IN_FLIGHT = 2
+PREFETCH_BATCHES = 2  # training batches placed on the devices ahead of the step
 
 
 def build_model_config(config: ml_collections.ConfigDict) -> EfficientSamConfig:
@@ -150,13 +151,13 @@ def _check_config(config: ml_collections.ConfigDict, labels: Any) -> None:
             f"config.batch_size={config.batch_size} must be a multiple of the {n} devices"
         )
     input_pipeline.per_process_batch(config)
-    if config.cache_embeddings:
-        encoder_labels = jax.tree.leaves(labels["image_encoder"])
-        if TRAINABLE in encoder_labels:
-            raise ValueError(
-                "config.cache_embeddings=True needs a frozen image encoder, but "
-                f"config.trainable={tuple(config.trainable)} trains parts of it"
-            )
+    cached = [k for k, on in (("cache_embeddings", config.cache_embeddings),
+                              ("data.embedding_cache_dir", config.data.embedding_cache_dir)) if on]
+    if cached and TRAINABLE in jax.tree.leaves(labels["image_encoder"]):
+        raise ValueError(
+            f"config.{cached[0]} needs a frozen image encoder, but "
+            f"config.trainable={tuple(config.trainable)} trains parts of it"
+        )
 
 
 def _info(msg: str, *args: Any) -> None:
@@ -171,17 +172,19 @@ class _DevicePlacer:
     of this process's devices only (`local_mesh`), the rows are the whole batch.
     """
 
-    KEYS = ("image", "prompt_boxes", "amodal_masks", "visible_masks", "valid")
+    KEYS = ("image", "pixels_hw", "embedding", "prompt_boxes", "amodal_masks",
+            "visible_masks", "valid")
 
     def __init__(self, mesh: Mesh, cache: EmbeddingCache | None):
         self.sharding = batch_sharding(mesh)
         self.cache = cache
 
     def __call__(self, batch: dict[str, np.ndarray], namespace: Hashable) -> dict[str, Any]:
-        host = {k: np.asarray(batch[k]) for k in self.KEYS}
-        if self.cache is not None:
+        host = {k: np.asarray(batch[k]) for k in self.KEYS if k in batch}
+        if self.cache is not None and "embedding" not in host:
             host["embedding"] = self.cache.embeddings(batch, namespace)
-            del host["image"]
+            host.pop("image")
+            host.pop("pixels_hw", None)
         return pipeline.to_global_batch(host, self.sharding)
 
 
@@ -273,7 +276,8 @@ def train_and_evaluate(
     _check_config(config, labels)
     schedule = learning_rate_schedule(config)
     tx = make_optimizer(config, labels)
-    eval_sets = input_pipeline.eval_passes(config, model_cfg)
+    input_pipeline.image_pad_hw(config, model_cfg)
+    input_pipeline.open_sources(config, config.data.eval_split)  # missing data stops here
 
     # Parameters, optimizer, state -- or all of it from the workdir's latest checkpoint, if
     # there is one (then the initial parameters are never built).
@@ -298,7 +302,10 @@ def train_and_evaluate(
     trainable, frozen = split_params(param_shapes(model_cfg), labels)
     _info("%d parameters train, %d are frozen", count_params(trainable), count_params(frozen))
     start_step = int(state.step)
-    train_iter = input_pipeline.train_iterator(config, model_cfg, start=examples)
+    # Embeddings from disk (refused when made with other weights), else the encoder runs.
+    store = input_pipeline.open_embeddings(config, model_cfg, state.params["image_encoder"])
+    train_iter = input_pipeline.train_iterator(config, model_cfg, start=examples, store=store)
+    eval_sets = input_pipeline.eval_passes(config, model_cfg, store)
 
     eval_mesh = local_mesh()
     cache = None
@@ -317,8 +324,12 @@ def train_and_evaluate(
         results = {}
         for name, one_pass in eval_sets.items():
             namespace = ("eval", name, config.data.eval_split)
-            batches = ((place_eval(b, namespace), b) for b in one_pass())
-            mine = amodal_iou_totals(eval_step, params, batches, config.eval_occluded_min)
+            batches = pipeline.DevicePrefetch(
+                one_pass(), lambda b, namespace=namespace: (place_eval(b, namespace), b))
+            try:
+                mine = amodal_iou_totals(eval_step, params, batches, config.eval_occluded_min)
+            finally:
+                batches.close()
             parts = distributed.allgather_objects(dataclasses.asdict(mine))
             results[name] = combine([IouTotals(**p) for p in parts]).metrics()
             writer.write(step, {f"eval/{name}/{k}": v for k, v in results[name].items()})
@@ -327,9 +338,12 @@ def train_and_evaluate(
 
     reporter = _Reporter(config, writer, start_step)
     in_flight = _StepsInFlight(MAX_STEPS_IN_FLIGHT, reporter)
+    # The next batches are read and sent to the devices while a step runs.
+    train_batches = pipeline.DevicePrefetch(train_iter, lambda b: place(b, train_namespace),
+                                            size=PREFETCH_BATCHES)
     try:
         for step in range(start_step + 1, config.total_steps + 1):
-            batch = place(next(train_iter), train_namespace)
+            batch = next(train_batches)
             examples += config.batch_size
             state, metrics = train_step(state, batch)
             in_flight.add(step, metrics)
@@ -351,6 +365,9 @@ def train_and_evaluate(
         where = f"step {good} in {checkpointer.directory}" if good is not None else "none yet"
         raise FloatingPointError(f"{e}; stopping. Last good checkpoint: {where}") from None
     finally:
+        train_batches.close()
+        if hasattr(train_iter, "close"):
+            train_iter.close()  # stops grain's worker processes
         reporter.close()
         checkpointer.close()
         writer.close()

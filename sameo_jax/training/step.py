@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sameo_jax import losses
 from sameo_jax.masks import MASK_THRESHOLD
 from sameo_jax.models.efficient_sam import EfficientSam, best_candidate
-from sameo_jax.preprocessing import boxes_to_prompts, normalize_image
+from sameo_jax.preprocessing import boxes_to_prompts, normalize_image, resize_padded
 from sameo_jax.training.optimizer import Params, merge_params, split_params
 from sameo_jax.training.state import TrainState
 
@@ -42,12 +42,44 @@ def _target_masks(batch: Batch, target: str) -> jax.Array:
     return batch["amodal_masks"] if target == "amodal" else batch["visible_masks"]
 
 
+def model_images(batch: Batch, size: int) -> jax.Array:
+    """The batch's 'image' in the model frame, [B, size, size, 3] float32 in [0, 255]: resized
+    here (`resize_padded`) when the batch carries 'pixels_hw', else already size x size."""
+    if "pixels_hw" in batch:
+        return resize_padded(batch["image"], batch["pixels_hw"], size)
+    return batch["image"]
+
+
 def _embeddings(model: EfficientSam, params: Params, batch: Batch, rngs=None) -> jax.Array:
-    """[B, E, E, D]: the batch's cached 'embedding' if present, else encode its 'image'."""
+    """[B, E, E, D] float32: the batch's cached 'embedding' if present (any float dtype),
+    else its 'image' encoded."""
     if "embedding" in batch:
-        return batch["embedding"]
-    images = normalize_image(batch["image"])
+        return batch["embedding"].astype(jnp.float32)
+    images = normalize_image(model_images(batch, model.config.img_size))
     return model.apply({"params": params}, images, method=EfficientSam.encode, rngs=rngs)
+
+
+def batch_loss(model: EfficientSam, config: ml_collections.ConfigDict, params: Params,
+               batch: Batch, rngs=None) -> losses.LossOutput:
+    """The training loss of a batch (training-batch schema, see `make_train_step`): its
+    embeddings (cached, or the image encoder's), the decoder's masks for its boxes, and
+    config.loss against config.target's masks."""
+    points, point_labels = boxes_to_prompts(batch["prompt_boxes"])
+    emb = _embeddings(model, params, batch, rngs)
+    logits, iou = model.apply(
+        {"params": params}, emb, points, point_labels,
+        multimask_output=config.mask_selection != "single", method=EfficientSam.decode,
+        rngs=rngs,
+    )
+    return losses.sameo_loss(
+        logits, iou, _target_masks(batch, config.target), batch["valid"],
+        mask_selection=config.mask_selection,
+        dice_weight=config.loss.dice_weight,
+        focal_weight=config.loss.focal_weight,
+        iou_weight=config.loss.iou_weight,
+        focal_alpha=config.loss.focal_alpha if config.loss.focal_alpha >= 0 else None,
+        focal_gamma=config.loss.focal_gamma,
+    )
 
 
 def make_train_step(
@@ -60,10 +92,10 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns jitted `train_step(state, batch) -> (new_state, metrics)`; `state` is donated.
 
-    batch (training-batch schema): 'image' uint8 [B, S, S, 3] or 'embedding' [B, E, E, D],
+    batch (training-batch schema): 'image' uint8 [B, S, S, 3] (or [B, P, Q, 3] padded, with
+    'pixels_hw' int32 [B, 2]) or 'embedding' [B, E, E, D] (float32 or bfloat16),
     'prompt_boxes' [B, N, 4], 'amodal_masks' / 'visible_masks' bool [B, N, L, L], 'valid'.
     """
-    multimask = config.mask_selection != "single"
     # Dense first upscale: the factored form's backward (models/fast/low_rank.py) costs more
     # than its forward saves. A compute-only choice: same parameters (BENCHMARKS.md).
     model = model.clone(config=dataclasses.replace(model.config, factored_upscale=False))
@@ -72,25 +104,9 @@ def make_train_step(
         # Per-step randomness for stochastic layers (dropout and the like), if the model has any.
         rngs = {"dropout": state.step_key()}
         trainable, frozen = split_params(state.params, labels)
-        points, point_labels = boxes_to_prompts(batch["prompt_boxes"])
-        target = _target_masks(batch, config.target)
 
         def loss_fn(trainable_params):
-            params = merge_params(trainable_params, frozen)
-            emb = _embeddings(model, params, batch, rngs)
-            logits, iou = model.apply(
-                {"params": params}, emb, points, point_labels,
-                multimask_output=multimask, method=EfficientSam.decode, rngs=rngs,
-            )
-            out = losses.sameo_loss(
-                logits, iou, target, batch["valid"],
-                mask_selection=config.mask_selection,
-                dice_weight=config.loss.dice_weight,
-                focal_weight=config.loss.focal_weight,
-                iou_weight=config.loss.iou_weight,
-                focal_alpha=config.loss.focal_alpha if config.loss.focal_alpha >= 0 else None,
-                focal_gamma=config.loss.focal_gamma,
-            )
+            out = batch_loss(model, config, merge_params(trainable_params, frozen), batch, rngs)
             return out.total, out
 
         (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)

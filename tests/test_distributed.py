@@ -181,7 +181,7 @@ def test_predict_reads_checkpoints_of_other_meshes(runs, tmp_path):
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"box": [4, 6, 40, 30]}, {"box": [20, 10, 60, 44]}]))
     procs = [start(["predict.py", "--checkpoint", str(runs[name]), "--image", str(image),
-                    "--prompts", str(prompts), "--save-npz", str(tmp_path / f"{name}.npz")])
+                    "--prompts", str(prompts), "--save_npz", str(tmp_path / f"{name}.npz")])
              for name in ("two", "eight")]
     for out in finish(procs):
         assert "query 1: predicted IoU" in out, out[-2000:]

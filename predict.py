@@ -2,7 +2,7 @@ r"""Amodal masks for box / point prompts on one image.
 
 The checkpoint decides the model; --variant (vitt, vits, tiny) only checks it:
   official EfficientSAM weights   efficient_sam_vitt.pt, efficient_sam_vits.pt.zip, or a .npz
-  a converted orbax directory     python -m sameo_jax.checkpoint efficient_sam_vitt.pt ckpt_vitt
+  a converted orbax directory     python -m sameo_jax.model_io efficient_sam_vitt.pt ckpt_vitt
   a training workdir              workdir_demo (the demo model: procedural scenes only)
 
 Examples:
@@ -26,7 +26,6 @@ decoder a SAMEO workdir was fine-tuned from (found in the workdir, or --visible_
 import jax
 from absl import app, flags, logging
 
-from sameo_jax.checkpoint import CheckpointError
 from sameo_jax.cli import parse_flags
 from sameo_jax.inference import (
     DEFAULT_MAX_OUTPUT_GB,
@@ -34,6 +33,7 @@ from sameo_jax.inference import (
     check_outputs,
     predict_files,
 )
+from sameo_jax.model_io import CheckpointError
 from sameo_jax.predictor import Predictor
 
 _CHECKPOINT = flags.DEFINE_string(

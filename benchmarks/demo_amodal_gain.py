@@ -33,8 +33,8 @@ from absl import app, flags, logging
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs.sameo import get_config  # noqa: E402
-from sameo_jax.checkpoint import load_model  # noqa: E402
 from sameo_jax.data import pipeline  # noqa: E402
+from sameo_jax.model_io import load_model  # noqa: E402
 from sameo_jax.models.efficient_sam import EfficientSam  # noqa: E402
 from sameo_jax.training import input_pipeline  # noqa: E402
 from sameo_jax.training.loop import make_mesh, train_and_evaluate  # noqa: E402

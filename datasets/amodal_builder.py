@@ -22,11 +22,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from datasets import cleaning
 from datasets import features as features_lib
 from sameo_jax import boxes as boxes_lib
 from sameo_jax import image_io
 from sameo_jax import masks as masks_lib
-from sameo_jax.data import cleaning
 
 log = logging.getLogger(__name__)
 

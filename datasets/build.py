@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sameo_jax.data import cleaning
+from datasets import cleaning
 
 NAMES = ("cocoa", "cocoa_cls", "d2sa", "kins", "demo", "amodal_lvis")
 
@@ -84,7 +84,7 @@ class CheckpointCompleteness:
 
     def check(self) -> None:
         """Loads the checkpoint once; raises CheckpointError (a ValueError) naming it."""
-        from sameo_jax.checkpoint import load_model
+        from sameo_jax.model_io import load_model
 
         load_model(self.path, self.variant)
 
@@ -111,7 +111,7 @@ def synthesis_options(name: str, *, workers: int | None = None, shard_size: int 
         if given:
             raise ValueError(f"{', '.join(given)}: only for amodal_lvis, not {name}")
         return {}
-    from sameo_jax.data import amodal_lvis
+    from datasets.amodal_lvis import synthesis as amodal_lvis
 
     if workers is not None and workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")

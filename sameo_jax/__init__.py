@@ -23,13 +23,13 @@ _EXPORTS = {
     "EfficientSam": "sameo_jax.models.efficient_sam",
     "model_config": "sameo_jax.models.config",
     "Predictor": "sameo_jax.predictor",
-    "load_model": "sameo_jax.checkpoint",
+    "load_model": "sameo_jax.model_io",
 }
 
 __all__ = ["EfficientSam", "Predictor", "__version__", "load_model", "model_config"]
 
 if TYPE_CHECKING:
-    from sameo_jax.checkpoint import load_model
+    from sameo_jax.model_io import load_model
     from sameo_jax.models.config import model_config
     from sameo_jax.models.efficient_sam import EfficientSam
     from sameo_jax.predictor import Predictor

@@ -173,14 +173,14 @@ class Predictor:
     def from_checkpoint(cls, path: str | os.PathLike, variant: str | None = None,
                         visible_checkpoint: str | os.PathLike | None = None,
                         **kwargs: Any) -> Predictor:
-        """Loads an official .pt / .npz or an orbax checkpoint (see sameo_jax.checkpoint).
+        """Loads an official .pt / .npz or an orbax checkpoint (see sameo_jax.model_io).
 
         visible_checkpoint: a checkpoint whose mask decoder gives visible masks (its image
         encoder must equal this one's), or "auto": the `init_checkpoint` a training workdir
         `path` started from, when there is a usable one; else the predictor has no visible
         decoder and `no_visible_reason` says why.
         """
-        from sameo_jax.checkpoint import CheckpointError, load_model, training_init_checkpoint
+        from sameo_jax.model_io import CheckpointError, load_model, training_init_checkpoint
 
         config, params = load_model(path, variant)
         auto = visible_checkpoint == "auto"
@@ -354,7 +354,7 @@ def _visible_params(path: Any, config: EfficientSamConfig, params: Any,
                     visible_checkpoint: Any) -> Any:
     """Loads the visible model's params; CheckpointError unless it is the same model with the
     same image encoder as `path`'s."""
-    from sameo_jax.checkpoint import CheckpointError, load_model
+    from sameo_jax.model_io import CheckpointError, load_model
 
     visible_config, visible_params = load_model(visible_checkpoint)
     if visible_config.structure() != config.structure():

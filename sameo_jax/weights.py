@@ -3,11 +3,11 @@ progress bar.
 
 The official repository (github.com/yformer/EfficientSAM) keeps them in its `weights/` folder:
 `efficient_sam_vitt.pt` (ViT-T) and `efficient_sam_vits.pt.zip` (ViT-S, zipped to stay under
-GitHub's file size limit). Both are read as they are by `sameo_jax.checkpoint`.
+GitHub's file size limit). Both are read as they are by `sameo_jax.model_io`.
 
   python -m sameo_jax.weights vitt weights        # -> weights/efficient_sam_vitt.pt
   python -m sameo_jax.weights vits weights        # -> weights/efficient_sam_vits.pt.zip
-  python -m sameo_jax.checkpoint weights/efficient_sam_vitt.pt ckpt_vitt   # optional
+  python -m sameo_jax.model_io weights/efficient_sam_vitt.pt ckpt_vitt   # optional
 
 Without internet: download the file on another machine and copy it here; every command
 that takes a checkpoint accepts the file itself.
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"{path}: use it as --checkpoint / --config.init_checkpoint, or convert it once "
-          f"with: python -m sameo_jax.checkpoint {path} ckpt_{args.variant}")
+          f"with: python -m sameo_jax.model_io {path} ckpt_{args.variant}")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def random_params(config, seed=0):
     """Random params of `config`'s shapes, drawn in numpy (faster than tracing the init)."""
     import jax
 
-    from sameo_jax.checkpoint import param_shapes
+    from sameo_jax.model_io import param_shapes
 
     rng = np.random.default_rng(seed)
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from datasets import build
+from datasets.amodal_lvis import synthesis as al
 from sameo_jax.boxes import boxes_from_masks, xyxy_to_xywh
-from sameo_jax.data import amodal_lvis as al
-from sameo_jax.data import sources
+from sameo_jax.data import occluders, sources
 from sameo_jax.data.demo_scenes import DemoSource
 from sameo_jax.masks import encode_rle
 
@@ -31,7 +31,7 @@ def test_place_occluder_lands_in_range_and_respects_avoid():
     occluder = _disk(44, 44, 22, 22, 21)
     for lo, hi in [(0.1, 0.2), (0.3, 0.5), (0.6, 0.7)]:
         for _ in range(20):
-            top, left, frac = al.place_occluder(target, occluder, (lo, hi), rng, avoid=avoid)
+            top, left, frac = occluders.place_occluder(target, occluder, (lo, hi), rng, avoid=avoid)
             assert lo <= frac <= hi
             assert 0 <= top <= 120 - 44 and 0 <= left <= 120 - 44
             covered = np.zeros_like(target)
@@ -39,9 +39,9 @@ def test_place_occluder_lands_in_range_and_respects_avoid():
             assert (covered & target).sum() / target.sum() == pytest.approx(frac)
             assert not (covered & avoid).any()
     # A tiny occluder cannot hide 80 %: no placement, not a wrong one.
-    assert al.place_occluder(target, occluder[:5, :5], (0.8, 0.9), rng) is None
+    assert occluders.place_occluder(target, occluder[:5, :5], (0.8, 0.9), rng) is None
     with pytest.raises(ValueError, match="occlusion_range"):
-        al.place_occluder(target, occluder, (0.5, 0.1), rng)
+        occluders.place_occluder(target, occluder, (0.5, 0.1), rng)
 
 
 def test_complete_by_geometry_rules():
@@ -334,7 +334,7 @@ def test_stored_form_keeps_the_source_file_and_composes_exactly(tmp_path):
         raw = built._source[i]  # the record decoded by TFDS, before composition
         decoded = np.asarray(Image.open(img / f"{source_id:012d}.jpg"))
         np.testing.assert_array_equal(raw["image"], decoded)
-        patches = al.stored_patches(raw["occluders"])
+        patches = occluders.stored_patches(raw["occluders"])
         o = example["objects"]
         if example["image_id"] < al.SYNTHETIC_ID_STRIDE:
             assert patches == []
@@ -363,8 +363,8 @@ def test_completeness_by_model_checkpoint(tmp_path, capsys):
     (tiny model, best of three) overlaps their modal mask at IoU >= --completeness_iou."""
     import jax
 
-    from sameo_jax.checkpoint import save_params
     from sameo_jax.masks import mask_iou
+    from sameo_jax.model_io import save_params
     from sameo_jax.models.config import model_config
     from sameo_jax.models.efficient_sam import param_shapes
 
@@ -421,13 +421,13 @@ def test_build_option_errors(tmp_path, capsys):
 
 def test_read_time_composition_checks_patches():
     image = np.zeros((20, 30, 3), np.uint8)
-    patch = al.OccluderPatch(np.full((4, 5, 3), 7, np.uint8), np.ones((4, 5), bool), 16, 25)
-    out = al.paste_occluders(image, [patch])
+    patch = occluders.OccluderPatch(np.full((4, 5, 3), 7, np.uint8), np.ones((4, 5), bool), 16, 25)
+    out = occluders.paste_occluders(image, [patch])
     assert out[16:, 25:].min() == 7 and out.sum() == 7 * 4 * 5 * 3 and image.sum() == 0
     with pytest.raises(ValueError, match="does not fit the 20x30 image"):
-        al.paste_occluders(image, [dataclasses.replace(patch, top=17)])
+        occluders.paste_occluders(image, [dataclasses.replace(patch, top=17)])
     with pytest.raises(ValueError, match="2 pixel patches, 1 masks"):
-        al.stored_patches({"pixels": [patch.pixels] * 2, "mask": [patch.mask[..., None]],
+        occluders.stored_patches({"pixels": [patch.pixels] * 2, "mask": [patch.mask[..., None]],
                            "top_left": [[0, 0]]})
 
 

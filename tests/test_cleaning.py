@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sameo_jax.data import cleaning
+from datasets import cleaning
 
 
 def _table(**overrides):

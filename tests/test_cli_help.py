@@ -49,7 +49,7 @@ def test_weights_help_lists_variants_and_examples():
 def test_predict_prints_results_and_no_info_lines(tmp_path):
     import jax
 
-    from sameo_jax.checkpoint import save_params
+    from sameo_jax.model_io import save_params
     from sameo_jax.models.config import model_config
     from sameo_jax.models.efficient_sam import param_shapes
 

@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 
 from datasets import build
-from sameo_jax.data import amodal_lvis, sources
+from datasets.amodal_lvis import synthesis as amodal_lvis
+from sameo_jax.data import sources
 
 
 def _assert_same(example, ref):

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sameo_jax.checkpoint import load_model
 from sameo_jax.evaluation.evaluator import EvalOptions, evaluate
+from sameo_jax.model_io import load_model
 from sameo_jax.training import loop
 from tests.test_training import micro_config, read_metrics
 

@@ -615,7 +615,7 @@ def test_evaluate_command_line_with_saved_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    from sameo_jax.checkpoint import save_params
+    from sameo_jax.model_io import save_params
     from sameo_jax.models.efficient_sam import model_config
 
     config = model_config("tiny")

@@ -19,7 +19,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from sameo_jax import checkpoint, state_dict_file
+from sameo_jax import model_io, state_dict_file
 
 from .conftest import REPO_ROOT
 
@@ -239,12 +239,12 @@ def make_cases(d) -> dict[str, tuple[str, str]]:
 
 _WORKER = """
 import json, sys
-from sameo_jax import checkpoint
+from sameo_jax import model_io
 for name, path in json.loads(sys.argv[1]).items():
     try:
-        checkpoint.read_state_dict(path)
+        model_io.read_state_dict(path)
         result = "no error"
-    except checkpoint.CheckpointError as exc:
+    except model_io.CheckpointError as exc:
         result = f"{type(exc).__name__}: {exc}"
     print(json.dumps([name, result]), flush=True)
 """
@@ -305,7 +305,7 @@ def test_crafted_files_read_right_when_honest(tmp_path):
     for order, dtype in ((b"little", "<f4"), (b"big", ">f4")):
         path = torch_zip(tmp_path / f"{order.decode()}.pt", state_pickle(entries),
                          {"0": values.astype(dtype).tobytes(), "1": b""}, byteorder=order)
-        got = checkpoint.read_state_dict(path)
+        got = model_io.read_state_dict(path)
         np.testing.assert_array_equal(got["a"], values[:6].reshape(2, 3))
         np.testing.assert_array_equal(got["b"], values[6:12].reshape(2, 3).T)
         assert got["c"] == 23 and got["c"].shape == ()
@@ -315,10 +315,10 @@ def test_crafted_files_read_right_when_honest(tmp_path):
 
 def test_a_refused_file_changes_nothing_for_later_loads(tmp_path):
     """BUILD on the storage type is refused, and a later load still reads float32."""
-    with pytest.raises(checkpoint.UnsafeCheckpointError, match="set the state"):
-        checkpoint.read_state_dict(torch_zip(tmp_path / "b.pt", build_modification_pickle(), {}))
+    with pytest.raises(model_io.UnsafeCheckpointError, match="set the state"):
+        model_io.read_state_dict(torch_zip(tmp_path / "b.pt", build_modification_pickle(), {}))
     path = one_tensor_file(tmp_path / "ok.pt", 0, (4,), (1,), 4)
-    np.testing.assert_array_equal(checkpoint.read_state_dict(path)["w"], np.arange(4.0))
+    np.testing.assert_array_equal(model_io.read_state_dict(path)["w"], np.arange(4.0))
 
 
 def test_decompression_cap_counts_every_record(tmp_path, monkeypatch):
@@ -327,9 +327,9 @@ def test_decompression_cap_counts_every_record(tmp_path, monkeypatch):
     entries = {f"w{i}": tensor(str(i), 0, (1 << 17,), (1,), 1 << 17) for i in range(3)}
     path = torch_zip(tmp_path / "big.pt", state_pickle(entries),
                      {str(i): bytes(1 << 19) for i in range(3)})
-    with pytest.raises(checkpoint.CheckpointError, match=r"storages hold 1.5 MiB, over the "
+    with pytest.raises(model_io.CheckpointError, match=r"storages hold 1.5 MiB, over the "
                        r"reader's limit of 1.0 MiB"):
-        checkpoint.read_state_dict(path)
+        model_io.read_state_dict(path)
 
 
 def test_pickle_depth_counts_memo_and_mutation():
@@ -338,10 +338,10 @@ def test_pickle_depth_counts_memo_and_mutation():
     deep = b"\x80\x02]q\x00" + b"h\x00]q\x00a" * 100 + b"."  # list nested 100 deep via memo
     state_dict_file.check_pickle_depth(state_pickle({"w": tensor("0", 0, (4,), (1,), 4)}), "ok")
     nested = b"\x80\x02" + b"(" * 80 + b"N" + b"t" * 80 + b"."
-    with pytest.raises(checkpoint.CheckpointError, match="nests deeper than 64"):
+    with pytest.raises(model_io.CheckpointError, match="nests deeper than 64"):
         state_dict_file.check_pickle_depth(nested, "x")
     state_dict_file.check_pickle_depth(deep, "x")  # lists do not hash: depth of tuples matters
-    with pytest.raises(checkpoint.CheckpointError, match="nests deeper than 64"):
+    with pytest.raises(model_io.CheckpointError, match="nests deeper than 64"):
         state_dict_file.check_pickle_depth(deep_tuple_key_pickle(65), "x")
 
 
@@ -361,7 +361,7 @@ def assert_one_error_line(result, *needles):
                                   "npz_header_huge_shape", "crc_damage"])
 def test_converter_cli_one_line(hostile, tmp_path, case):
     path = hostile[case][0]
-    result = run_limited(["-m", "sameo_jax.checkpoint", path, str(tmp_path / "out")])
+    result = run_limited(["-m", "sameo_jax.model_io", path, str(tmp_path / "out")])
     assert_one_error_line(result, os.path.basename(path))
     assert not (tmp_path / "out").exists()
 

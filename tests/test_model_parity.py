@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sameo_jax import preprocessing as pp
-from sameo_jax.checkpoint import load_model
+from sameo_jax.model_io import load_model
 from sameo_jax.models.efficient_sam import EfficientSam, select_masks
 from sameo_jax.models.image_encoder import resize_pos_embed
 

@@ -249,7 +249,7 @@ def _training_workdir(path, config, params, init_checkpoint):
 def test_workdir_finds_its_visible_decoder_and_predict_writes_the_scene(tmp_path, two_models):
     """predict.py as users run it: a workdir fine-tuned from another checkpoint gives
     visible masks, order and layers with no extra flag; a missing one is a clean error."""
-    from sameo_jax.checkpoint import save_params
+    from sameo_jax.model_io import save_params
 
     config, amodal_params, visible_params = two_models
     init = save_params(visible_params, tmp_path / "init", config)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from sameo_jax import inference
 from sameo_jax import predictor as predictor_lib
-from sameo_jax.checkpoint import save_params
+from sameo_jax.model_io import save_params
 from sameo_jax.models.config import model_config
 from sameo_jax.models.efficient_sam import param_shapes
 from sameo_jax.predictor import Predictor

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sameo_jax.checkpoint import load_model, save_params
 from sameo_jax.inference import parse_prompts, predict_files
+from sameo_jax.model_io import load_model, save_params
 from sameo_jax.models.config import model_config
 from sameo_jax.models.efficient_sam import init_params
 from sameo_jax.predictor import Predictor, bucket_size

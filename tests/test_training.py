@@ -160,7 +160,7 @@ def test_metrics_and_checkpoints_written(full_run):
     assert records[0]["lr"] == pytest.approx(c.lr)
     assert list(pathlib.Path(workdir).glob("events.out.tfevents.*"))
     # The lead's loader reads the params of the latest step from this layout.
-    from sameo_jax.checkpoint import load_model
+    from sameo_jax.model_io import load_model
 
     model_cfg, params = load_model(workdir)
     assert model_cfg == loop.build_model_config(c)
@@ -247,7 +247,7 @@ def test_only_an_explicit_choice_starts_from_random_weights(tmp_path):
 def test_init_checkpoint_compares_the_model_structure_only(tmp_path):
     """An init checkpoint saved under other compute-only fields (chunking, fast paths,
     dtype) loads; one of another structure is refused by field name."""
-    from sameo_jax.checkpoint import save_params
+    from sameo_jax.model_io import save_params
 
     c = micro_config()
     model_cfg = loop.build_model_config(c)

@@ -1,6 +1,6 @@
 """Amodal-LVIS (SAMEO): synthetic occlusions of complete LVIS / COCO objects, with duals.
 
-Synthesis is `sameo_jax.data.amodal_lvis` (seed 0; geometric completeness unless the builder
+Synthesis is `datasets.amodal_lvis.synthesis` (seed 0; geometric completeness unless the builder
 is given `predict_amodal`), which also describes the stored form (the source file's bytes
 plus the occluder as a patch). The source is cut into shards of `shard_size` images; the
 shards run in `workers` processes (default: all cores of the host), or on many hosts through
@@ -26,8 +26,9 @@ import tensorflow_datasets as tfds
 
 from datasets import amodal_builder
 from datasets import features as features_lib
+from datasets.amodal_lvis import synthesis as amodal_lvis
 from sameo_jax.boxes import boxes_from_masks
-from sameo_jax.data import amodal_lvis
+from sameo_jax.data.occluders import OccluderPatch
 
 _LAYOUTS = {
     "lvis": {
@@ -48,7 +49,7 @@ def default_workers() -> int:
 
 
 def occluder_features() -> tfds.features.Sequence:
-    """The `occluders` feature: 0 (dual) or 1 patch per example (see sameo_jax.data.amodal_lvis)."""
+    """The `occluders` feature: 0 (dual) or 1 patch per example (see `synthesis.py`)."""
     return tfds.features.Sequence({
         "pixels": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
         "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
@@ -56,7 +57,7 @@ def occluder_features() -> tfds.features.Sequence:
     })
 
 
-def _occluders(patches: list[amodal_lvis.OccluderPatch]) -> dict[str, Any]:
+def _occluders(patches: list[OccluderPatch]) -> dict[str, Any]:
     return {
         "pixels": [features_lib.encode_image(p.pixels) for p in patches],
         "mask": [features_lib.encode_mask(p.mask) for p in patches],

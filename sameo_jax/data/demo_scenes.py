@@ -21,7 +21,7 @@ How a scene is made (the Amodal-LVIS recipe on procedural objects):
 - Examples come in pairs (2p, 2p + 1) drawn from one random stream per (seed, p). Example 2p
   is the occluded scene: 1-2 target objects, each with an occluder (another complete object
   of normalised size, aspect kept) placed by box with
-  `sameo_jax.data.amodal_lvis.place_occluder` so that the hidden fraction of the target lies
+  `sameo_jax.data.occluders.place_occluder` so that the hidden fraction of the target lies
   in `occlusion_range`; occluders never touch other objects, and 0-1 free objects. Example
   2p + 1 is its dual: the same background and the same targets and free objects,
   unoccluded (occlusion rate 0). So every occluded object also appears unoccluded, and the
@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sameo_jax.boxes import boxes_from_masks
-from sameo_jax.data.amodal_lvis import place_occluder
+from sameo_jax.data import schema
+from sameo_jax.data.occluders import place_occluder
 
 SHAPE_KINDS = ("ellipse", "triangle", "rounded_rectangle", "polygon", "star", "ring", "cross",
                "blob")
@@ -330,7 +330,7 @@ class DemoSource:
         image += (noise_rng.random((s, s), dtype=np.float32) * 16.0 - 8.0)[None]
         image = np.clip(image, 0, 255, out=image).astype(np.uint8)
         image = np.ascontiguousarray(image.transpose(1, 2, 0))
-        return _example(image, index, [layer[0] for layer in layers],
+        return _layered_example(image, index, [layer[0] for layer in layers],
                         [layer[1] for layer in layers])
 
 
@@ -341,33 +341,14 @@ def _paste(local: np.ndarray, spot: tuple[int, int], size: int) -> np.ndarray:
     return full
 
 
-def _example(image: np.ndarray, image_id: int, categories: list[int],
-             amodal: list[np.ndarray]) -> dict[str, Any]:
+def _layered_example(image: np.ndarray, image_id: int, categories: list[int],
+                     amodal: list[np.ndarray]) -> dict[str, Any]:
     """Schema example from bottom-to-top layers: visible = amodal minus all layers above."""
     n = len(amodal)
-    h, w = image.shape[:2]
-    amodal_masks = np.stack(amodal) if n else np.zeros((0, h, w), bool)
-    visible_masks = amodal_masks.copy()
-    above = np.zeros((h, w), bool)
+    visible = [np.asarray(m, bool).copy() for m in amodal]
+    above = np.zeros(image.shape[:2], bool)
     for k in range(n - 1, -1, -1):
-        visible_masks[k] &= ~above
-        above |= amodal_masks[k]
-    amodal_area = amodal_masks.reshape(n, -1).sum(axis=1).astype(np.float32)
-    visible_area = visible_masks.reshape(n, -1).sum(axis=1).astype(np.float32)
-    rate = 1.0 - visible_area / np.maximum(amodal_area, 1.0)
+        visible[k] &= ~above
+        above |= amodal[k]
     order = np.arange(n, 0, -1, dtype=np.int64)  # the last layer drawn is 1 (front)
-    return {
-        "image": image,
-        "image_id": np.int64(image_id),
-        "source": SOURCE_NAME,
-        "objects": {
-            "amodal_mask": amodal_masks,
-            "visible_mask": visible_masks,
-            "amodal_bbox": boxes_from_masks(amodal_masks),
-            "visible_bbox": boxes_from_masks(visible_masks),
-            "category_id": np.asarray(categories, np.int64),
-            "occlusion_rate": rate.astype(np.float32),
-            "order": order,
-        },
-    }
-
+    return schema.example(SOURCE_NAME, image, image_id, amodal, visible, categories, order)

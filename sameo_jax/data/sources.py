@@ -1,13 +1,8 @@
 """Random-access sources of schema examples: built TFDS data sets and the demo scenes.
 
 `open_source(name, split, data_dir)` returns an object with `len()` and `[i]` giving
-examples in the project's schema as numpy (see `datasets/features.py` for the stored form):
-
-    {'image': uint8 [H, W, 3], 'image_id': int64, 'source': str,
-     'objects': {'amodal_mask': bool [N, H, W], 'visible_mask': bool [N, H, W],
-                 'amodal_bbox': float32 [N, 4], 'visible_bbox': float32 [N, 4],
-                 'category_id': int64 [N], 'occlusion_rate': float32 [N],
-                 'order': int64 [N] (depth rank, 1 = front; 0 = unknown)}}
+examples in the project's schema as numpy (`sameo_jax.data.schema`; `datasets/features.py`
+is the stored form).
 
 Built data is read with `tfds.data_source` machinery (array_record, no TensorFlow).
 'demo' with no data_dir is the procedural `DemoSource` and needs no build.
@@ -22,19 +17,24 @@ from typing import Any
 
 import numpy as np
 
+from sameo_jax.data.occluders import paste_occluders, stored_patches
+
 # split -> (seed, number of examples) of the in-memory demo data set.
 DEMO_SPLITS = {"train": (0, 2000), "validation": (1, 200), "test": (2, 200)}
 DEMO_IMAGE_SIZE = 256
 
 
-def demo_source(split: str, num_examples: int | None = None, image_size: int = DEMO_IMAGE_SIZE):
-    """The procedural demo split (`DEMO_SPLITS` gives seed and default size)."""
+def demo_source(split: str, num_examples: int | None = None,
+                image_size: int = DEMO_IMAGE_SIZE, **scene: Any):
+    """The procedural demo split (`DEMO_SPLITS` gives seed and default size); `scene` goes to
+    `DemoSource` (occlusion_range, object_size, dual)."""
     from sameo_jax.data.demo_scenes import DemoSource
 
     if split not in DEMO_SPLITS:
         raise ValueError(f"demo: unknown split {split!r}; known: {sorted(DEMO_SPLITS)}")
     seed, size = DEMO_SPLITS[split]
-    return DemoSource(size if num_examples is None else num_examples, image_size, seed)
+    return DemoSource(size if num_examples is None else num_examples, image_size, seed,
+                      **scene)
 
 
 def _build_command(name: str, data_dir: str, split: str | None = None) -> str:
@@ -171,10 +171,8 @@ class Record:
         image = np.asarray(self._features["image"].decode_example_np(self._parsed["image"]),
                            np.uint8)
         if "occluders" in self._parsed:
-            from sameo_jax.data import amodal_lvis
-
             occluders = self._features["occluders"].decode_example_np(self._parsed["occluders"])
-            image = amodal_lvis.paste_occluders(image, amodal_lvis.stored_patches(occluders))
+            image = paste_occluders(image, stored_patches(occluders))
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"{self.where}: image of shape {image.shape}, expected [H, W, 3]")
         self._hw = image.shape[:2]
@@ -205,10 +203,7 @@ def to_schema(record: dict[str, Any]) -> dict[str, Any]:
     """A decoded TFDS record (lists of per-instance arrays) -> schema example (numpy)."""
     image = np.asarray(record["image"], np.uint8)
     if "occluders" in record:  # Amodal-LVIS stores the source image and the occluder apart
-        from sameo_jax.data import amodal_lvis
-
-        image = amodal_lvis.paste_occluders(
-            image, amodal_lvis.stored_patches(record["occluders"]))
+        image = paste_occluders(image, stored_patches(record["occluders"]))
     h, w = image.shape[:2]
     obj = record["objects"]
 

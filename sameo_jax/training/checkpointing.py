@@ -1,6 +1,6 @@
 """Training checkpoints: an orbax CheckpointManager in WORKDIR/checkpoints.
 
-Each saved step holds these items (the layout `sameo_jax.checkpoint.load_model` reads):
+Each saved step holds these items (the layout `sameo_jax.model_io.load_model` reads):
   params        the full model params (same tree as `init_params`), StandardSave
   model_config  JSON of dataclasses.asdict(EfficientSamConfig)
   opt_state     the optimizer state, StandardSave
@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from sameo_jax.checkpoint import item_handlers
+from sameo_jax.model_io import item_handlers
 from sameo_jax.models.config import EfficientSamConfig
 from sameo_jax.training.state import TrainState
 

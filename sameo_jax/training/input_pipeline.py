@@ -16,15 +16,14 @@ import ml_collections
 import numpy as np
 
 from sameo_jax.data import embedding_store, pipeline
-from sameo_jax.data.demo_scenes import DemoSource
-from sameo_jax.data.sources import DEMO_SPLITS, open_source
+from sameo_jax.data.sources import demo_source, open_source
 from sameo_jax.models.config import EfficientSamConfig
 
 
 def open_sources(config: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
     """name -> random-access source of `split` for every name in config.data.sources.
 
-    'demo' without a data_dir is the procedural data set (`demo_source`). A data set
+    'demo' without a data_dir is the procedural data set (config.data.demo_*). A data set
     missing from data_dir raises the data module's error (it names the build command).
     """
     data = config.data
@@ -33,28 +32,20 @@ def open_sources(config: ml_collections.ConfigDict, split: str) -> dict[str, Any
     out = {}
     for name in data.sources:
         if name == "demo" and not data.data_dir:
-            out[name] = demo_source(config, split)
+            out[name] = _demo_source(config, split)
         else:
             out[name] = open_source(name, split, data.data_dir or None)
     return out
 
 
-def demo_source(config: ml_collections.ConfigDict, split: str) -> DemoSource:
-    """The procedural data set's `split` with the scene parameters of config.data.demo_*.
-
-    The split's seed comes from `sameo_jax.data.sources.DEMO_SPLITS`; its size is
-    config.data.demo_train_examples for the training split, demo_eval_examples otherwise.
-    """
+def _demo_source(config: ml_collections.ConfigDict, split: str):
+    """The procedural data set's `split` with the scene parameters of config.data.demo_*:
+    demo_train_examples for the training split, demo_eval_examples otherwise."""
     data = config.data
-    if split not in DEMO_SPLITS:
-        raise ValueError(f"demo: unknown split {split!r}; known: {sorted(DEMO_SPLITS)}")
     n = data.demo_train_examples if split == data.train_split else data.demo_eval_examples
-    return DemoSource(
-        n, data.demo_image_size, DEMO_SPLITS[split][0],
-        occlusion_range=tuple(data.demo_occlusion_range),
-        object_size=tuple(data.demo_object_size),
-        dual=data.demo_dual,
-    )
+    return demo_source(split, n, data.demo_image_size,
+                       occlusion_range=tuple(data.demo_occlusion_range),
+                       object_size=tuple(data.demo_object_size), dual=data.demo_dual)
 
 
 def _mixture(config: ml_collections.ConfigDict) -> str | dict[str, float]:

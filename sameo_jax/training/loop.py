@@ -24,8 +24,8 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from sameo_jax import distributed
-from sameo_jax.checkpoint import RANDOM_INIT, load_model
 from sameo_jax.data import pipeline
+from sameo_jax.model_io import RANDOM_INIT, load_model
 from sameo_jax.models.config import model_config
 from sameo_jax.models.efficient_sam import (
     EfficientSam,
@@ -36,7 +36,7 @@ from sameo_jax.models.efficient_sam import (
 from sameo_jax.training import input_pipeline
 from sameo_jax.training.checkpointing import TrainCheckpointer, has_checkpoint
 from sameo_jax.training.embedding_cache import EmbeddingCache
-from sameo_jax.training.evaluate import IouTotals, amodal_iou_totals, combine
+from sameo_jax.training.held_out_iou import IouTotals, amodal_iou_totals, combine
 from sameo_jax.training.metrics import MetricsWriter, resident_memory_gb
 from sameo_jax.training.optimizer import (
     TRAINABLE,
@@ -69,13 +69,21 @@ def check_start(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
     and no checkpoint in `workdir` to resume (random weights need init_checkpoint='random')."""
     if config.init_checkpoint or has_checkpoint(workdir):
         return
+    from sameo_jax.weights import OFFICIAL_WEIGHTS, file_name
+
+    variant = config.model.variant
+    if variant in OFFICIAL_WEIGHTS:
+        weights = f"weights/{file_name(OFFICIAL_WEIGHTS[variant])}"
+        get = (f"download it with `python -m sameo_jax.weights {variant} weights`, then pass "
+               f"--config.init_checkpoint={weights} (or a directory converted with "
+               "`python -m sameo_jax.model_io`)")
+    else:
+        get = "pass --config.init_checkpoint=PATH (an official checkpoint or a converted one)"
     raise ValueError(
-        f"config.init_checkpoint is not set: the {config.model.variant} config fine-tunes "
-        "pretrained EfficientSAM, so pass --config.init_checkpoint=PATH (the official "
-        "efficient_sam_vitt.pt / efficient_sam_vits.pt.zip or a directory converted with "
-        "`python -m sameo_jax.checkpoint`), or train the small demo model with "
-        f"--config configs/sameo.py:demo; --config.init_checkpoint={RANDOM_INIT} starts from "
-        "random weights"
+        f"config.init_checkpoint is not set: the {variant} config fine-tunes pretrained "
+        f"EfficientSAM, so {get}; or train the small demo model with --config "
+        f"configs/sameo.py:demo; --config.init_checkpoint={RANDOM_INIT} starts from random "
+        "weights"
     )
 
 

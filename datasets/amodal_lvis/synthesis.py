@@ -1,4 +1,4 @@
-"""Amodal-LVIS synthesis (SAMEO): synthetic occlusion of complete objects, dual annotation.
+"""Amodal-LVIS synthesis (SAMEO, build time): occlusion of complete objects, dual annotation.
 
 From any COCO/LVIS-format instance source (modal masks only) this makes amodal training data:
 
@@ -16,8 +16,9 @@ From any COCO/LVIS-format instance source (modal masks only) this makes amodal t
    object of another image of the same shard (the occluder). The occluder is cut out by its
    mask, resized with its aspect ratio kept so that sqrt(occluder area) / sqrt(target area)
    is uniform in `occluder_scale` (sizes normalised), and placed by box with
-   `place_occluder` so the hidden fraction of the target lands in `occlusion_range` (a
-   curriculum passes a different range per call, e.g. `curriculum_range`). The occluder
+   `sameo_jax.data.occluders.place_occluder` so the hidden fraction of the target lands in
+   `occlusion_range` (a curriculum passes a different range per call, e.g.
+   `curriculum_range`). The occluder
    never covers the image's other complete objects. Annotations: target amodal = its full
    mask, visible = what the occluder leaves; occluder and the other complete objects are
    unoccluded (amodal = visible). Instances that are not complete are not annotated, since
@@ -42,25 +43,22 @@ source image as the image file's own bytes and the occluder as a small patch:
     occluders           0 (dual) or 1 patch: `pixels` PNG [h, w, 3] (zero outside the mask),
                         `mask` 1-bit PNG [h, w, 1], `top_left` int32 [2] (row, column)
 The example's pixels are the decoded image with each patch's masked pixels written at
-top_left (`paste_occluders`); `sameo_jax.data.sources` does this when it reads a record, so
-the training pipeline sees plain schema examples.
+top_left (`sameo_jax.data.occluders.paste_occluders`); `sameo_jax.data.sources` does this
+when it reads a record, so the training pipeline sees plain schema examples.
 
 Public API:
-    SynthesisConfig, SynthesisStats, InstanceImage, OccluderPatch, ImageExamples
+    SynthesisConfig, SynthesisStats, InstanceImage, ImageExamples
     CocoInstanceSource(annotation_file, image_dir)     # random-access, [i] -> InstanceImage
     DemoInstanceSource(num_images, image_size, seed)   # modal view of the demo scenes
     complete_by_geometry(masks, *, border_margin, min_area) -> bool [N]
     complete_by_model(image, masks, predict_amodal, *, iou_threshold, min_area) -> bool [N]
-    place_occluder(target, occluder, occlusion_range, rng, *, avoid, tries)
-    paste_occluders(image, patches) -> image          # the read-time composition
-    stored_patches(record['occluders']) -> [OccluderPatch]
     synthesize_shard(items, *, seed, config, predict_amodal, stats) -> Iterator[ImageExamples]
     shard_ranges(num_images, shard_size) -> [(start, stop), ...]
     synthesize(source, *, seed, config, predict_amodal, stats) -> Iterator[example]
     synthesize_from_coco(annotation_file, image_dir, *, seed, config, ...) -> Iterator[example]
     curriculum_range(progress, start, end) -> (lo, hi)
 
-Preview: `python -m sameo_jax.data.amodal_lvis --preview out.png [--source demo |
+Preview: `python -m datasets.amodal_lvis.synthesis --preview out.png [--source demo |
 --source ANNOTATIONS.json --image_dir DIR] [--num 6] [--seed 0] [--min_area 1024]
 [--overwrite]`.
 """
@@ -84,6 +82,8 @@ from PIL import Image
 
 from sameo_jax import image_io
 from sameo_jax.boxes import box_from_mask, boxes_from_masks
+from sameo_jax.data import schema
+from sameo_jax.data.occluders import OccluderPatch, paste_occluders, place_occluder
 from sameo_jax.masks import decode_segmentation, mask_iou
 
 log = logging.getLogger(__name__)
@@ -336,80 +336,6 @@ def curriculum_range(progress: float, start: tuple[float, float] = (0.05, 0.3),
     return (start[0] + t * (end[0] - start[0]), start[1] + t * (end[1] - start[1]))
 
 
-def place_occluder(
-    target: np.ndarray,
-    occluder: np.ndarray,
-    occlusion_range: tuple[float, float],
-    rng: np.random.Generator,
-    *,
-    avoid: np.ndarray | None = None,
-    tries: int = 8,
-) -> tuple[int, int, float] | None:
-    """Positions an occluder by its box so it hides a chosen fraction of a target object.
-
-    target: [H, W] bool full (amodal) mask of the object to occlude, in the image frame.
-    occluder: [h, w] bool mask of the occluder cropped to its box (h <= H, w <= W).
-    occlusion_range: (lo, hi); the covered fraction |target & occluder| / |target| must land
-      in [lo, hi]. A goal fraction is drawn uniformly from the range and a random direction;
-      the occluder's box centre slides from the target's box centre outwards along that
-      direction and a bisection finds the distance where the covered fraction crosses the
-      goal (the fraction falls as the boxes separate). The occluder always lies fully inside
-      the image.
-    avoid: optional [H, W] bool of pixels the occluder must not cover (other objects).
-    Returns (top, left, fraction) or None when `tries` directions all fail.
-    """
-    lo, hi = occlusion_range
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"occlusion_range must satisfy 0 <= lo <= hi <= 1, got {occlusion_range}")
-    height, width = target.shape
-    h, w = occluder.shape
-    if h > height or w > width or h == 0 or w == 0:
-        return None
-    ys = np.flatnonzero(target.any(axis=1))
-    xs = np.flatnonzero(target.any(axis=0))
-    if ys.size == 0:
-        return None
-    area = float(np.count_nonzero(target))
-
-    def fraction(top: int, left: int) -> float:
-        return np.count_nonzero(target[top : top + h, left : left + w] & occluder) / area
-
-    cy, cx = (ys[0] + ys[-1] + 1) / 2.0, (xs[0] + xs[-1] + 1) / 2.0
-    reach = 0.5 * (math.hypot(ys[-1] + 1 - ys[0], xs[-1] + 1 - xs[0]) + math.hypot(h, w))
-
-    def corner(dist: float, dy: float, dx: float) -> tuple[int, int]:
-        top = int(round(cy + dist * dy - h / 2.0))
-        left = int(round(cx + dist * dx - w / 2.0))
-        return min(max(top, 0), height - h), min(max(left, 0), width - w)
-
-    def accept(top: int, left: int) -> tuple[int, int, float] | None:
-        frac = fraction(top, left)
-        if not lo <= frac <= hi:
-            return None
-        if avoid is not None and np.any(avoid[top : top + h, left : left + w] & occluder):
-            return None
-        return top, left, frac
-
-    for _ in range(tries):
-        goal = rng.uniform(lo, hi)
-        angle = rng.uniform(0.0, 2.0 * math.pi)
-        dy, dx = math.sin(angle), math.cos(angle)
-        near, far = 0.0, reach
-        if fraction(*corner(near, dy, dx)) < goal:
-            continue  # even centred, this occluder cannot hide enough
-        for _ in range(12):
-            mid = 0.5 * (near + far)
-            if fraction(*corner(mid, dy, dx)) >= goal:
-                near = mid
-            else:
-                far = mid
-        for dist in (near, far):
-            found = accept(*corner(dist, dy, dx))
-            if found is not None:
-                return found
-    return None
-
-
 # ----------------------------------------------------------------------------- shards
 
 
@@ -427,60 +353,6 @@ def _resize_cut_out(pixels: np.ndarray, mask: np.ndarray, scale: float
         weight = Image.fromarray(mask.astype(np.float32)).resize((w, h), Image.BILINEAR)
         mask = np.asarray(weight) >= 0.5
     return pixels, mask
-
-
-@dataclasses.dataclass(frozen=True)
-class OccluderPatch:
-    """An occluder pasted into an image: the stored form of one synthetic occlusion."""
-
-    pixels: np.ndarray  # [h, w, 3] uint8, zero outside `mask`
-    mask: np.ndarray  # [h, w] bool
-    top: int  # row of the patch's top-left corner in the image
-    left: int  # column of that corner
-
-    def full_mask(self, hw: tuple[int, int]) -> np.ndarray:
-        """The occluder's mask in the [H, W] image frame."""
-        out = np.zeros(hw, bool)
-        h, w = self.mask.shape
-        out[self.top : self.top + h, self.left : self.left + w] = self.mask
-        return out
-
-
-def paste_occluders(image: np.ndarray, patches: Sequence[OccluderPatch]) -> np.ndarray:
-    """The read-time composition: a copy of image [H, W, 3] uint8 with each patch's masked
-    pixels written at its place. Raises ValueError for a patch that does not fit the image."""
-    out = np.array(image, np.uint8)
-    height, width = out.shape[:2]
-    for k, p in enumerate(patches):
-        h, w = p.mask.shape
-        if (np.shape(p.pixels) != (h, w, 3) or not 0 <= p.top <= height - h
-                or not 0 <= p.left <= width - w):
-            raise ValueError(
-                f"occluder patch {k}: pixels {np.shape(p.pixels)}, mask {p.mask.shape} at row "
-                f"{p.top}, column {p.left} does not fit the {height}x{width} image")
-        region = out[p.top : p.top + h, p.left : p.left + w]
-        region[p.mask] = p.pixels[p.mask]
-    return out
-
-
-def stored_patches(occluders: dict[str, Any]) -> list[OccluderPatch]:
-    """A record's decoded `occluders` feature ('pixels' [h, w, 3], 'mask' [h, w, 1] per
-    patch, 'top_left' [P, 2]) -> OccluderPatch list. Raises ValueError when they disagree."""
-    pixels, masks = list(occluders["pixels"]), list(occluders["mask"])
-    corners = np.asarray(occluders["top_left"], np.int64).reshape(-1, 2)
-    if not len(pixels) == len(masks) == len(corners):
-        raise ValueError(f"occluders: {len(pixels)} pixel patches, {len(masks)} masks and "
-                         f"{len(corners)} corners")
-    out = []
-    for k, (pix, mask, (top, left)) in enumerate(zip(pixels, masks, corners, strict=True)):
-        mask = np.asarray(mask)
-        if mask.ndim == 3 and mask.shape[-1] == 1:
-            mask = mask[..., 0]
-        if mask.ndim != 2:
-            raise ValueError(f"occluder patch {k}: mask of shape {mask.shape}, expected [h, w]")
-        out.append(OccluderPatch(np.asarray(pix, np.uint8), mask.astype(bool), int(top),
-                                 int(left)))
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -527,12 +399,12 @@ class ImageExamples:
         cats = [int(c) for c in self.category_ids]
         full = list(self.masks)
         if self.dual:
-            yield _example(image, self.image_id, full, full, cats)
+            yield schema.example(SOURCE_NAME, image, self.image_id, full, full, cats)
         for occ in self.occlusions:
             occluder, target_visible = self.occluded(occ)
             visible = list(full)
             visible[occ.target] = target_visible
-            yield _example(paste_occluders(image, [occ.patch]), occ.image_id,
+            yield schema.example(SOURCE_NAME, paste_occluders(image, [occ.patch]), occ.image_id,
                            full + [occluder], visible + [occluder], cats + [occ.category_id])
 
 
@@ -597,28 +469,6 @@ def _occlude(target: np.ndarray, target_area: int, avoid: np.ndarray | None,
     top, left, _ = placed
     return OccluderPatch(np.where(local[..., None], pixels, 0).astype(np.uint8), local, top,
                          left)
-
-
-def _example(image: np.ndarray, image_id: int, amodal: list[np.ndarray],
-             visible: list[np.ndarray], categories: list[int]) -> dict[str, Any]:
-    height, width = image.shape[:2]
-    a = np.stack(amodal) if amodal else np.zeros((0, height, width), bool)
-    v = np.stack(visible) if visible else np.zeros((0, height, width), bool)
-    area_a = a.reshape(len(a), -1).sum(axis=1).astype(np.float32)
-    area_v = v.reshape(len(v), -1).sum(axis=1).astype(np.float32)
-    return {
-        "image": image,
-        "image_id": np.int64(image_id),
-        "source": SOURCE_NAME,
-        "objects": {
-            "amodal_mask": a,
-            "visible_mask": v,
-            "amodal_bbox": boxes_from_masks(a),
-            "visible_bbox": boxes_from_masks(v),
-            "category_id": np.asarray(categories, np.int64),
-            "occlusion_rate": (1.0 - area_v / np.maximum(area_a, 1.0)).astype(np.float32),
-        },
-    }
 
 
 def _complete_flags(item: InstanceImage, config: SynthesisConfig,
@@ -777,7 +627,7 @@ def preview_grid(examples: Sequence[dict[str, Any]], size: int = 192) -> np.ndar
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sameo_jax.data.amodal_lvis",
+        prog="python -m datasets.amodal_lvis.synthesis",
         description="Amodal-LVIS synthesis preview: writes a PNG grid of examples.")
     parser.add_argument("--preview", required=True, help="output PNG path")
     parser.add_argument("--source", default="demo",

@@ -1,4 +1,4 @@
-"""Official EfficientSAM checkpoints -> Flax params, and orbax save/restore.
+"""Model files in and out: official EfficientSAM checkpoints -> Flax params, orbax save/restore.
 
 Reads, without torch and without executing code from the file:
 - the official `.pt` (a `torch.save` zip whose `data.pkl` holds `{"model": state_dict}`), also
@@ -6,7 +6,7 @@ Reads, without torch and without executing code from the file:
 - a plain `.npz` of the state_dict (official key names and PyTorch layouts);
 - an orbax directory written by `save_params` or by training (`WORKDIR/checkpoints`).
 
-Run `python -m sameo_jax.checkpoint INPUT OUTPUT_DIR [--variant vitt]` to convert once.
+Run `python -m sameo_jax.model_io INPUT OUTPUT_DIR [--variant vitt]` to convert once.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ CONFIG_ITEM = "model_config"
 RANDOM_INIT = "random"
 # The items of a training checkpoint (sameo_jax/training/checkpointing.py): arrays, JSON.
 TRAIN_ARRAY_ITEMS = (PARAMS_ITEM, "opt_state", "train")
-TRAIN_JSON_ITEMS = (CONFIG_ITEM, "config", "data")
+CHECKSUM_ITEM = "checksums"  # CRC-32s of a training step's arrays, checked on restore
+TRAIN_JSON_ITEMS = (CONFIG_ITEM, "config", "data", CHECKSUM_ITEM)
 
 
 def item_handlers() -> dict[str, Any]:

@@ -298,7 +298,7 @@ def train_and_evaluate(
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), abstract
         )
-        state = checkpointer.restore(abstract, model_cfg)
+        state = checkpointer.restore_newest_good(abstract, model_cfg)
         examples = checkpointer.examples(int(state.step))
         _info("resumed from step %d in %s", int(state.step), checkpointer.directory)
     else:
@@ -324,7 +324,7 @@ def train_and_evaluate(
     train_namespace = ("train", config.data.train_split)
     train_step = make_train_step(model, config, labels, tx, schedule, mesh)
     eval_step = make_eval_step(model, config, eval_mesh)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, resume_step=start_step)
 
     def evaluate(step: int) -> dict[str, dict[str, float]]:
         # Each process evaluates its share on its own devices; the sums are added up.
@@ -369,9 +369,11 @@ def train_and_evaluate(
             evaluate(start_step)
     except FloatingPointError as e:
         checkpointer.wait()
-        good = checkpointer.latest_step()
-        where = f"step {good} in {checkpointer.directory}" if good is not None else "none yet"
-        raise FloatingPointError(f"{e}; stopping. Last good checkpoint: {where}") from None
+        good = checkpointer.good_step  # saved by this run or verified on restore
+        if good is None:
+            raise FloatingPointError(f"{e}; stopping. No verified checkpoint yet") from None
+        raise FloatingPointError(f"{e}; stopping. Last good checkpoint: step {good} in "
+                                 f"{checkpointer.directory}") from None
     finally:
         train_batches.close()
         if hasattr(train_iter, "close"):

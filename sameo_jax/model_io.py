@@ -16,6 +16,8 @@ import math
 import os
 import pathlib
 import re
+import sys
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -255,39 +257,93 @@ def save_params(params: Any, directory: str | os.PathLike, config: EfficientSamC
     return directory
 
 
+def array_checksums(items: Mapping[str, Any], to_host: Any = np.asarray) -> dict[str, str]:
+    """{item/leaf path: CRC-32 (hex) of the leaf's dtype, shape and bytes}, in tree order
+    (the `checksums` item of a training step)."""
+    sums = {}
+    for name, tree in items.items():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            value = np.ascontiguousarray(to_host(leaf))
+            crc = zlib.crc32(f"{value.dtype.str}{value.shape}".encode())
+            sums[name + jax.tree_util.keystr(path)] = f"{zlib.crc32(value, crc):08x}"
+    return sums
+
+
 def _restore_orbax(directory: pathlib.Path) -> tuple[EfficientSamConfig | None, Any]:
-    """The latest step's model config (None if not stored) and params (numpy), whatever mesh
-    or number of processes wrote them: the stored arrays are read whole onto this process's
-    first device (the saved shapes and dtypes are the restore target)."""
+    """The newest undamaged step's model config (None if not stored) and params (numpy).
+
+    A step whose files cannot be read or whose params fail the step's checksums is reported
+    on stderr by step and path, and the next older step is tried.
+    """
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(directory, item_handlers=item_handlers()) as manager:
-        step = manager.latest_step()
-        if step is None:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if not steps:
             raise CheckpointError(f"{directory}: no checkpoint steps found in this directory")
-        step_dir = pathlib.Path(manager.directory) / str(step)
-        if not (step_dir / PARAMS_ITEM).is_dir():
-            raise CheckpointError(f"{step_dir}: no '{PARAMS_ITEM}' item in this checkpoint")
-        config = None
-        if (step_dir / CONFIG_ITEM).exists():
-            saved = manager.restore(step, args=ocp.args.Composite(
-                **{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
-            if saved is not None:
-                config = EfficientSamConfig.from_dict(dict(saved))
-        metadata = manager.item_metadata(step)[PARAMS_ITEM]
-        stored = getattr(metadata, "tree", metadata)
-        if stored is None:
-            raise CheckpointError(f"{step_dir}: the '{PARAMS_ITEM}' item has no metadata")
-        # Nothing is read unless the stored shapes are the config's.
-        if config is not None and _shapes(stored) != _shapes(param_shapes(config)):
-            raise CheckpointError(f"{directory}: stored params do not match the stored model "
-                                  "config")
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), stored)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            **{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
+        damage = []
+        for step in steps:
+            step_dir = pathlib.Path(manager.directory) / str(step)
+            try:
+                return _restore_step(manager, step, step_dir, directory)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any read failure means a damaged step
+                reason = printable(str(e) or type(e).__name__)[:200]
+                damage.append(f"step {step} at {step_dir} ({reason})")
+                if step != steps[-1]:
+                    print(f"warning: checkpoint step {step} at {step_dir} is damaged "
+                          f"({reason}); trying the step before it", file=sys.stderr)
+        raise CheckpointError(f"{directory}: every checkpoint step is damaged; newest: "
+                              f"{damage[0]}")
+
+
+class _DamagedStep(Exception):
+    """A step whose params fail their checksums."""
+
+
+def _restore_step(manager: Any, step: int, step_dir: pathlib.Path, directory: pathlib.Path
+                  ) -> tuple[EfficientSamConfig | None, Any]:
+    """One step's model config and params, read whole onto this process's first device
+    (whatever mesh or number of processes wrote them) and checked against its checksums."""
+    import orbax.checkpoint as ocp
+
+    if not (step_dir / PARAMS_ITEM).is_dir():
+        raise CheckpointError(f"{step_dir}: no '{PARAMS_ITEM}' item in this checkpoint")
+
+    def json_item(name: str) -> Any:
+        if not (step_dir / name).exists():
+            return None
+        return manager.restore(step, args=ocp.args.Composite(
+            **{name: ocp.args.JsonRestore()}))[name]
+
+    config = None
+    saved = json_item(CONFIG_ITEM)
+    if saved is not None:
+        config = EfficientSamConfig.from_dict(dict(saved))
+    metadata = manager.item_metadata(step)[PARAMS_ITEM]
+    stored = getattr(metadata, "tree", metadata)
+    if stored is None:
+        raise CheckpointError(f"{step_dir}: the '{PARAMS_ITEM}' item has no metadata")
+    # Nothing is read unless the stored shapes are the config's.
+    if config is not None and _shapes(stored) != _shapes(param_shapes(config)):
+        raise CheckpointError(f"{directory}: stored params do not match the stored model "
+                              "config")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), stored)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
     params = jax.tree_util.tree_map(np.asarray, restored[PARAMS_ITEM])
+    checksums = json_item(CHECKSUM_ITEM)
+    if checksums is not None:
+        want = {k: v for k, v in dict(checksums.get("crc32") or {}).items()
+                if k.startswith(PARAMS_ITEM + "[")}
+        got = array_checksums({PARAMS_ITEM: params})
+        bad = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise _DamagedStep(f"{bad[0]}{more} fail their checksums")
     return config, params
 
 

@@ -195,3 +195,27 @@ def test_metrics_write_that_fails_part_way_leaves_whole_lines(tmp_path, monkeypa
     writer.close()
     assert [json.loads(line) for line in lines(tmp_path)] == [{"step": 1, "loss": 1.0},
                                                               {"step": 2, "loss": 2.0}]
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_readers_skip_a_damaged_latest_step(undamaged, tmp_path, capsys, damage):
+    """predict.py / evaluate.py / init_checkpoint read params through load_model: a damaged
+    newest step is named on stderr and the step before it is read."""
+    import jax
+
+    from sameo_jax.model_io import CheckpointError, load_model
+
+    run = copy_run(undamaged, tmp_path / "run")
+    DAMAGE[damage](run / "checkpoints" / str(STEPS))
+    _, params = load_model(run)
+    assert f"checkpoint step {STEPS} at {run / 'checkpoints' / str(STEPS)} is damaged" in (
+        capsys.readouterr().err)
+    before = copy_run(undamaged, tmp_path / "before")
+    shutil.rmtree(before / "checkpoints" / str(STEPS))
+    _, expected = load_model(before)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, expected)
+
+    for step in range(EVERY, STEPS, EVERY):  # the newest is damaged already
+        DAMAGE[damage](run / "checkpoints" / str(step))
+    with pytest.raises(CheckpointError, match="every checkpoint step is damaged"):
+        load_model(run)

@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from sameo_jax import distributed
-from sameo_jax.model_io import CHECKSUM_ITEM, item_handlers
+from sameo_jax.model_io import CHECKSUM_ITEM, array_checksums, item_handlers
 from sameo_jax.models.config import EfficientSamConfig
 from sameo_jax.training.state import TrainState
 
@@ -60,17 +60,6 @@ def _host_bytes(x: Any) -> np.ndarray:
             return np.asarray(x.addressable_data(0))
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-
-
-def array_checksums(items: dict[str, Any]) -> dict[str, str]:
-    """{item/leaf path: CRC-32 (hex) of the leaf's dtype, shape and bytes}, in tree order."""
-    sums = {}
-    for name, tree in items.items():
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            value = np.ascontiguousarray(_host_bytes(leaf))
-            crc = zlib.crc32(f"{value.dtype.str}{value.shape}".encode())
-            sums[name + jax.tree_util.keystr(path)] = f"{zlib.crc32(value, crc):08x}"
-    return sums
 
 
 def json_checksum(value: Any) -> str:
@@ -124,7 +113,7 @@ class TrainCheckpointer:
                       "config": json.loads(config.to_json_best_effort())}
         if examples is not None:
             json_items["data"] = {"examples": int(examples)}
-        checksums = {"crc32": array_checksums(arrays),
+        checksums = {"crc32": array_checksums(arrays, _host_bytes),
                      "json": {k: json_checksum(v) for k, v in json_items.items()
                               if k in CHECKED_JSON_ITEMS}}
         items = {k: ocp.args.StandardSave(v) for k, v in arrays.items()}
@@ -215,7 +204,7 @@ class TrainCheckpointer:
         restored = self._read(step, lambda: self.manager.restore(
             step, args=ocp.args.Composite(**items)))
         if checksums is not None:
-            got = array_checksums({k: restored[k] for k in ARRAY_ITEMS})
+            got = array_checksums({k: restored[k] for k in ARRAY_ITEMS}, _host_bytes)
             want = checksums["crc32"]
             bad = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
             if bad:

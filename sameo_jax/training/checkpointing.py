@@ -28,6 +28,7 @@ import inspect
 import json
 import pathlib
 import sys
+import threading
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -333,5 +334,12 @@ def _silence_abandoned_reads() -> None:
         if not _abandoned_read(u.exc_value, u.object):
             unraisablehook(u)
 
+    thread_hook = threading.excepthook
+
+    def quiet_thread_hook(args):
+        if not _abandoned_read(args.exc_value):
+            thread_hook(args)
+
     quiet_excepthook._sameo = True
     sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+    threading.excepthook = quiet_thread_hook

@@ -91,14 +91,17 @@ def make_train_step(
     mesh: Mesh,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns jitted `train_step(state, batch) -> (new_state, metrics)`; `state` is donated.
+    The decoder runs with `config.decoder_remat` (an `EfficientSamConfig.decoder_remat` policy).
 
     batch (training-batch schema): 'image' uint8 [B, S, S, 3] (or [B, P, Q, 3] padded, with
     'pixels_hw' int32 [B, 2]) or 'embedding' [B, E, E, D] (float32 or bfloat16),
     'prompt_boxes' [B, N, 4], 'amodal_masks' / 'visible_masks' bool [B, N, L, L], 'valid'.
     """
     # Dense first upscale: the factored form's backward (models/fast/low_rank.py) costs more
-    # than its forward saves. A compute-only choice: same parameters (BENCHMARKS.md).
-    model = model.clone(config=dataclasses.replace(model.config, factored_upscale=False))
+    # than its forward saves; the decoder's per-prompt maps recomputed in the backward pass
+    # under config.decoder_remat. Compute-only choices: same parameters (BENCHMARKS.md).
+    model = model.clone(config=dataclasses.replace(
+        model.config, factored_upscale=False, decoder_remat=config.decoder_remat))
 
     def train_step(state: TrainState, batch: Batch):
         # Per-step randomness for stochastic layers (dropout and the like), if the model has any.

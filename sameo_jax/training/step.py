@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sameo_jax import losses
 from sameo_jax.masks import MASK_THRESHOLD
+from sameo_jax.models.config import REMAT_POLICIES
 from sameo_jax.models.efficient_sam import EfficientSam, best_candidate
 from sameo_jax.preprocessing import boxes_to_prompts, normalize_image, resize_padded
 from sameo_jax.training.optimizer import Params, merge_params, split_params
@@ -100,6 +101,9 @@ def make_train_step(
     # Dense first upscale: the factored form's backward (models/fast/low_rank.py) costs more
     # than its forward saves; the decoder's per-prompt maps recomputed in the backward pass
     # under config.decoder_remat. Compute-only choices: same parameters (BENCHMARKS.md).
+    if config.decoder_remat not in REMAT_POLICIES:
+        raise ValueError(f"config.decoder_remat={config.decoder_remat!r}: expected one of "
+                         f"{REMAT_POLICIES}")
     model = model.clone(config=dataclasses.replace(
         model.config, factored_upscale=False, decoder_remat=config.decoder_remat))
 

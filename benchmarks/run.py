@@ -6,7 +6,9 @@
 
 Rows: image encoder (ViT-T, ViT-S) at 1024x1024; prompt encoder + mask decoder for 1, 16 and
 64 boxes, low-res only and with the bicubic upsample to a 603x1072 image; one decoder-only
-training step with cached embeddings and one that runs the frozen encoder. Each time is the
+training step with cached embeddings and one that runs the frozen encoder; the cached step at
+the training batch (32 images) with its memory per image (XLA's memory analysis), with and
+without the training config's decoder remat (`train_step_cached_b32`). Each time is the
 median of `--repeats` runs after a warm-up (compile excluded). FLOPs come from XLA's cost
 analysis of the compiled call; the floor is FLOPs / the matmul rate measured right before
 each row in the same run, so the ratio `x floor` is comparable across noisy machines.
@@ -117,14 +119,15 @@ class Table:
         return not self.only or any(fnmatch.fnmatchcase(name, p) for p in self.only)
 
     def add(self, name: str, fn: Callable, args: tuple, flops: float, repeats: int,
-            note: str = "", hlo: str | None = None) -> None:
-        """hlo: the optimized HLO text of what `fn` runs, for the product floor."""
+            note: str = "", hlo: str | None = None, extra: dict | None = None) -> None:
+        """hlo: the optimized HLO text of what `fn` runs, for the product floor; extra:
+        more fields of the row."""
         rate = matmul_rate()
         seconds = time_call(fn, args, repeats)
         floor = flops / rate
         row = {"name": name, "seconds": seconds, "gflops": flops / 1e9,
                "floor_seconds": floor, "matmul_gflops_per_s": rate / 1e9,
-               "device": self.device, "note": note}
+               "device": self.device, "note": note, **(extra or {})}
         products = None
         if hlo is not None and self.products:
             self.timer = self.timer or self.products.ProductTimer(rate, repeats)
@@ -214,34 +217,26 @@ def bench_decoder(table: Table, repeats: int, variant: str = "vitt") -> None:
             table.add(name, compiled, args, flops, repeats, note, compiled.as_text())
 
 
-def bench_train_steps(table: Table, repeats: int, variant: str = "vitt",
-                      kept: bool = False) -> None:
-    """Decoder-only SAMEO step (the ViT-T training config, 2 images x `instances_per_image`
-    boxes, on `variant`'s model) with and without cached embeddings."""
-    if not (table.wants("train_step_cached") or table.wants("train_step_encoder")):
-        return
+def _train_setup(variant: str, kept: bool, b: int):
+    """The ViT-T training config at `b` images x `instances_per_image` boxes, `variant`'s
+    model, random parameters, optimizer, one-device mesh and a batch (with 'image'; drop it
+    and add 'embedding' for the cached path)."""
     from configs import sameo as sameo_configs
     from sameo_jax.training.optimizer import (
         learning_rate_schedule,
         make_optimizer,
         trainable_labels,
     )
-    from sameo_jax.training.state import TrainState
-    from sameo_jax.training.step import make_train_step
 
     config = sameo_configs.get_config("vitt")
-    b, n = 2, config.instances_per_image
+    n = config.instances_per_image
     config.batch_size = b
     model_cfg = tuned(model_config(variant), variant, kept)
     params = random_params(model_cfg)
     s, e, low = model_cfg.img_size, model_cfg.embedding_size, model_cfg.low_res_size
     labels = trainable_labels(params, config.trainable)
     tx = make_optimizer(config, labels)
-    schedule = learning_rate_schedule(config)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    step = make_train_step(EfficientSam(model_cfg), config, labels, tx, schedule, mesh)
-    flop_step = make_train_step(EfficientSam(unchunked(model_cfg)), config, labels, tx,
-                                schedule, mesh)
     rng = np.random.default_rng(2)
     xy = rng.uniform(0, 0.6 * s, (b, n, 2)).astype(np.float32)
     batch = {
@@ -254,6 +249,36 @@ def bench_train_steps(table: Table, repeats: int, variant: str = "vitt",
     embedding = rng.standard_normal((b, e, e, model_cfg.embed_dim)).astype(np.float32)
     cached = dict(batch, embedding=embedding)
     del cached["image"]
+    return (config, model_cfg, params, labels, tx, learning_rate_schedule(config), mesh,
+            batch, cached)
+
+
+def _stepper(compiled: Callable, state) -> Callable:
+    """batch -> loss of one `compiled` train step, carrying the (donated) state along."""
+    holder = {"state": state}
+
+    def run(d):
+        holder["state"], metrics = compiled(holder["state"], d)
+        return metrics["loss"]
+
+    return run
+
+
+def bench_train_steps(table: Table, repeats: int, variant: str = "vitt",
+                      kept: bool = False) -> None:
+    """Decoder-only SAMEO step (the ViT-T training config, 2 images x `instances_per_image`
+    boxes, on `variant`'s model) with and without cached embeddings."""
+    if not (table.wants("train_step_cached") or table.wants("train_step_encoder")):
+        return
+    from sameo_jax.training.state import TrainState
+    from sameo_jax.training.step import make_train_step
+
+    config, model_cfg, params, labels, tx, schedule, mesh, batch, cached = _train_setup(
+        variant, kept, 2)
+    b, n = config.batch_size, config.instances_per_image
+    step = make_train_step(EfficientSam(model_cfg), config, labels, tx, schedule, mesh)
+    flop_step = make_train_step(EfficientSam(unchunked(model_cfg)), config, labels, tx,
+                                schedule, mesh)
     for name, data in (("train_step_cached", cached), ("train_step_encoder", batch)):
         if not table.wants(name):
             continue
@@ -262,14 +287,57 @@ def bench_train_steps(table: Table, repeats: int, variant: str = "vitt",
         data = jax.tree_util.tree_map(jnp.asarray, data)
         compiled = step.lower(state, data).compile()
         flops = xla_flops(flop_step, (state, data))
-        holder = {"state": state}
+        table.add(name, _stepper(compiled, state), (data,), flops, repeats,
+                  f"{b} images x {n} boxes", compiled.as_text())
 
-        def run(d, compiled=compiled, holder=holder):
-            holder["state"], metrics = compiled(holder["state"], d)
-            return metrics["loss"]
 
-        table.add(name, run, (data,), flops, repeats, f"{b} images x {n} boxes",
-                  compiled.as_text())
+def step_bytes(compiled) -> int:
+    """Device memory of one compiled call from XLA's memory analysis: temporaries + arguments
+    + outputs, less the outputs that reuse a donated argument's buffer (the new state)."""
+    m = compiled.memory_analysis()
+    return (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+            - m.alias_size_in_bytes)
+
+
+def bench_train_step_memory(table: Table, repeats: int, variant: str = "vitt",
+                            kept: bool = False, b: int = 32) -> None:
+    """The cached decoder-only step at the training batch (`b` images x 4 boxes): its memory
+    per image and time under the training config's `decoder_remat`, and both without remat
+    (fields `*_no_remat`, timed right after in the same run)."""
+    name = f"train_step_cached_b{b}"
+    if not table.wants(name):
+        return
+    from sameo_jax.training.state import TrainState
+    from sameo_jax.training.step import make_train_step
+
+    config, model_cfg, params, labels, tx, schedule, mesh, _, cached = _train_setup(
+        variant, kept, b)
+    policy = config.decoder_remat
+    data = jax.tree_util.tree_map(jnp.asarray, cached)
+    runs = {}
+    for remat in (policy, ""):
+        config.decoder_remat = remat
+        state = TrainState.create(jax.tree_util.tree_map(jnp.copy, params), tx, 0)
+        compiled = make_train_step(EfficientSam(model_cfg), config, labels, tx, schedule,
+                                   mesh).lower(state, data).compile()
+        runs[remat] = (compiled, state)
+    # Work counted once, without the recomputation and the loops (see `unchunked`).
+    flops = xla_flops(make_train_step(EfficientSam(unchunked(model_cfg)), config, labels, tx,
+                                      schedule, mesh), (runs[""][1], data))
+    compiled, state = runs[policy]
+    plain, plain_state = runs[""]
+    extra = {"decoder_remat": policy, "bytes_per_image": step_bytes(compiled) / b,
+             "bytes_per_image_no_remat": step_bytes(plain) / b}
+    table.add(name, _stepper(compiled, state), (data,), flops, repeats,
+              f"{b} images x {config.instances_per_image} boxes, remat {policy}",
+              compiled.as_text(), extra=extra)
+    row = table.rows[-1]
+    row["seconds_no_remat"] = time_call(_stepper(plain, plain_state), (data,), repeats)
+    gib = 2.0**30
+    print(f"    {row['bytes_per_image'] / gib:.3f} GiB/image with remat {policy}, "
+          f"{row['bytes_per_image_no_remat'] / gib:.3f} without; step "
+          f"{row['seconds'] / row['seconds_no_remat']:.2f}x the time without "
+          f"({row['seconds_no_remat'] * 1e3:.1f} ms)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -329,6 +397,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     bench_decoder(table, args.repeats, variant)
     if not args.quick:
         bench_train_steps(table, args.repeats, variant, kept=reused)
+        bench_train_step_memory(table, args.repeats, variant, kept=reused)
     rows = {r["name"]: r for r in table.rows}
     if {"decoder_boxes_16", "decoder_boxes_64"} <= set(rows):
         per_box = ((rows["decoder_boxes_64"]["seconds"] - rows["decoder_boxes_16"]["seconds"])

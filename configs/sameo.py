@@ -112,6 +112,9 @@ def get_config(arg: str = "vitt") -> ml_collections.ConfigDict:
     c.adam_b1 = 0.9
     c.adam_b2 = 0.999
     c.grad_clip_norm = 1.0  # 0 disables
+    # The train step recomputes the decoder's per-prompt maps in its backward pass under this
+    # jax.checkpoint policy (models/config.py REMAT_POLICIES; '' keeps them all in memory).
+    c.decoder_remat = "nothing_saveable"
     c.seed = 0
     # Encode each image once and keep its embedding in host memory for reuse (needs a frozen
     # image encoder; for small sets: the on-disk data.embedding_cache_dir scales).

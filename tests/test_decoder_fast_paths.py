@@ -374,3 +374,8 @@ def test_bad_mask_ids_are_named(mask_ids):
 def test_unknown_decoder_impl_is_named():
     with pytest.raises(ValueError, match="decoder_impl='slow'"):
         model_config("tiny", decoder_impl="slow")
+
+
+def test_unknown_decoder_remat_is_named():
+    with pytest.raises(ValueError, match="decoder_remat='dots'"):
+        model_config("tiny", decoder_remat="dots")

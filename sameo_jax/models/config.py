@@ -5,9 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 DECODER_IMPLS = ("fast", "reference")
+# Rematerialisation policies of the decoder's backward pass, by name ("" : none).
+REMAT_POLICIES = ("", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +42,23 @@ class EfficientSamConfig:
     decoder_prompt_chunk: int = 4
     # Fast decoder: first upscale on factored tokens when that is less work (not in training).
     factored_upscale: bool = True
+    # Decoder backward: recompute the per-prompt maps under this jax.checkpoint policy ("" :
+    # keep them). Fast: per loop step of a chunk (or all) of an image's prompts; reference:
+    # per two-way block.
+    decoder_remat: str = ""
 
     def __post_init__(self):
         if self.decoder_impl not in DECODER_IMPLS:
             raise ValueError(f"EfficientSamConfig.decoder_impl={self.decoder_impl!r}; expected "
                              f"one of {DECODER_IMPLS}")
+        if self.decoder_remat not in REMAT_POLICIES:
+            raise ValueError(f"EfficientSamConfig.decoder_remat={self.decoder_remat!r}; "
+                             f"expected one of {REMAT_POLICIES}")
+
+    @property
+    def remat_policy(self) -> Any:
+        """The jax.checkpoint policy of `decoder_remat` (None when off)."""
+        return getattr(jax.checkpoint_policies, self.decoder_remat, None)
 
     @property
     def embedding_size(self) -> int:
@@ -59,12 +75,13 @@ class EfficientSamConfig:
         return jnp.dtype(self.dtype)
 
     def structure(self) -> EfficientSamConfig:
-        """The config with compute-only fields (dtype, chunking, decoder implementation) at
+        """The config with compute-only fields (dtype, chunking, decoder implementation, remat) at
         their defaults: two configs with equal structure have interchangeable parameters."""
         defaults = {f.name: f.default for f in dataclasses.fields(EfficientSamConfig)}
         return dataclasses.replace(
             self, **{k: defaults[k] for k in ("dtype", "encoder_attention_chunk", "decoder_impl",
-                                                "decoder_prompt_chunk", "factored_upscale")})
+                                                "decoder_prompt_chunk", "factored_upscale",
+                                                "decoder_remat")})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -57,7 +57,7 @@ class MaskDecoder(nn.Module):
         keys = embeddings.reshape(b, 1, e * e, d).astype(dt)
         tokens, keys = TwoWayTransformer(
             cfg.decoder_depth, cfg.decoder_heads, cfg.decoder_mlp_dim,
-            cfg.attention_downsample_rate, dt, name="transformer",
+            cfg.attention_downsample_rate, dt, cfg.remat_policy, name="transformer",
         )(tokens, keys, dense_pe.reshape(e * e, d).astype(dt))
 
         x = ConvTranspose2x2(d // 4, dt, name="upscale_conv1")(keys.reshape(b, q, e, e, d))

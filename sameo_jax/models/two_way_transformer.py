@@ -7,6 +7,7 @@ is added to the residual stream itself, and the first layer's self-attention kee
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -78,6 +79,8 @@ class TwoWayTransformer(nn.Module):
 
     queries [..., T, D] prompt-side tokens (also their positional encoding), keys [..., S, D]
     image tokens, key_pe [S, D] -> (queries [..., T, D], keys [..., S, D]).
+    remat_policy: a jax.checkpoint policy: each block is recomputed in the backward pass,
+    keeping only what the policy saves (None: no recomputation).
     """
 
     depth: int
@@ -85,12 +88,16 @@ class TwoWayTransformer(nn.Module):
     mlp_dim: int
     downsample_rate: int = 2
     dtype: Any = jnp.float32
+    remat_policy: Callable | None = None
 
     @nn.compact
     def __call__(self, queries, keys, key_pe):
         query_pe = queries
+        block = TwoWayBlock  # the same parameter names with or without remat
+        if self.remat_policy is not None:
+            block = nn.remat(TwoWayBlock, policy=self.remat_policy)
         for i in range(self.depth):
-            queries, keys = TwoWayBlock(
+            queries, keys = block(
                 self.num_heads, self.mlp_dim, self.downsample_rate, add_query_pe=i > 0,
                 dtype=self.dtype, name=f"layers_{i}")(queries, keys, query_pe, key_pe)
         cross = queries.shape[-1] // self.downsample_rate

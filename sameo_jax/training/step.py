@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sameo_jax import losses
 from sameo_jax.masks import MASK_THRESHOLD
+from sameo_jax.models.config import REMAT_POLICIES
 from sameo_jax.models.efficient_sam import EfficientSam, best_candidate
 from sameo_jax.preprocessing import boxes_to_prompts, normalize_image, resize_padded
 from sameo_jax.training.optimizer import Params, merge_params, split_params
@@ -91,14 +92,20 @@ def make_train_step(
     mesh: Mesh,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns jitted `train_step(state, batch) -> (new_state, metrics)`; `state` is donated.
+    The decoder runs with `config.decoder_remat` (an `EfficientSamConfig.decoder_remat` policy).
 
     batch (training-batch schema): 'image' uint8 [B, S, S, 3] (or [B, P, Q, 3] padded, with
     'pixels_hw' int32 [B, 2]) or 'embedding' [B, E, E, D] (float32 or bfloat16),
     'prompt_boxes' [B, N, 4], 'amodal_masks' / 'visible_masks' bool [B, N, L, L], 'valid'.
     """
     # Dense first upscale: the factored form's backward (models/fast/low_rank.py) costs more
-    # than its forward saves. A compute-only choice: same parameters (BENCHMARKS.md).
-    model = model.clone(config=dataclasses.replace(model.config, factored_upscale=False))
+    # than its forward saves; the decoder's per-prompt maps recomputed in the backward pass
+    # under config.decoder_remat. Compute-only choices: same parameters (BENCHMARKS.md).
+    if config.decoder_remat not in REMAT_POLICIES:
+        raise ValueError(f"config.decoder_remat={config.decoder_remat!r}: expected one of "
+                         f"{REMAT_POLICIES}")
+    model = model.clone(config=dataclasses.replace(
+        model.config, factored_upscale=False, decoder_remat=config.decoder_remat))
 
     def train_step(state: TrainState, batch: Batch):
         # Per-step randomness for stochastic layers (dropout and the like), if the model has any.

@@ -6,7 +6,8 @@ with these exact rewrites:
 - only the wanted outputs are computed (`mask_ids`, `prompt_tokens=False`): the other tokens
   skip the final attention, the other mask tokens the hypernetworks and the mask product;
 - `decoder_prompt_chunk` prompts of an image run at a time (a loop), so per-prompt feature
-  maps stay in cache;
+  maps stay in cache; with `decoder_remat` each loop step is recomputed in the backward pass
+  instead of keeping its maps;
 - the first transposed convolution may read the image tokens in factored form (low_rank.py)
   when an image has enough prompts for that to be less work (`factored_upscale`);
 - the transposed convolutions stay in sub-pixel layout [..., h, w, 2, 2, F] and only the
@@ -119,25 +120,31 @@ class MaskDecoder(nn.Module):
 
     def _in_chunks(self, sparse, embeddings, dense_pe, log_weight, prompt_tokens, mask_ids):
         """`_decode` on `config.decoder_prompt_chunk` prompts of one image at a time (a loop:
-        different prompts never interact)."""
+        different prompts never interact). With `config.decoder_remat` the loop runs also for
+        unchunked prompts (all of an image per step) and each step is rematerialised, so the
+        backward pass holds one step's per-prompt maps at a time."""
         b, q = sparse.shape[:2]
         chunk = self.config.decoder_prompt_chunk
+        policy = self.config.remat_policy
         args = (dense_pe, log_weight, prompt_tokens, mask_ids)
-        if self.is_initializing() or not chunk or q <= chunk or q % chunk:
+        chunked = bool(chunk) and q > chunk and q % chunk == 0
+        if self.is_initializing() or not (chunked or policy):
             return self._decode(sparse, embeddings, *args)
+        chunk = chunk if chunked else q
         n = q // chunk
         embeddings = jnp.asarray(embeddings)  # indexed by the loop's traced image number
-        variables = self.variables
         decoder = MaskDecoder(self.config, parent=None)  # applied inside the loop
 
-        def run(inputs):
-            image, sparse_chunk = inputs
+        def run(variables, image, sparse_chunk):
             return decoder.apply(variables, sparse_chunk, embeddings[image][None], *args,
                                  method=MaskDecoder._decode)
 
+        if policy:
+            run = jax.checkpoint(run, policy=policy, prevent_cse=False)  # in a loop: no CSE
+        variables = self.variables
         images = jnp.repeat(jnp.arange(b), n)
         chunks = sparse.reshape(b * n, 1, chunk, *sparse.shape[2:])
-        outs = jax.lax.map(run, (images, chunks))
+        outs = jax.lax.map(lambda x: run(variables, *x), (images, chunks))
         return tuple(x.reshape(b, q, *x.shape[3:]) for x in outs)
 
     @nn.compact

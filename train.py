@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -26,7 +27,7 @@ from ml_collections import config_flags
 
 from sameo_jax.cli import parse_flags
 from sameo_jax.evaluation.evaluator import SPLITS
-from sameo_jax.training.checkpointing import CHECKPOINT_SUBDIR
+from sameo_jax.training.checkpointing import CHECKPOINT_SUBDIR, DamagedCheckpointError
 from sameo_jax.training.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -51,6 +52,12 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         state = train_and_evaluate(config, _WORKDIR.value)
+    except DamagedCheckpointError as e:
+        # Reads orbax abandoned in the damaged files may still end in other threads; nothing
+        # is left to write, so exit now rather than let them print at shutdown.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
     if jax.process_index() == 0:

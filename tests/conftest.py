@@ -1,12 +1,26 @@
-"""Shared test settings: where ../shared lives (env SAMEO_SHARED, default ../shared)."""
+"""Shared test settings: where ../shared lives (env SAMEO_SHARED, default ../shared), and one
+JAX compilation cache for the session's processes."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Many tests compile the same small programs, in this process and in the train.py /
+# evaluate.py processes they start: a persistent cache, new for each session and removed
+# after it, compiles each once. Set before JAX is imported; subprocesses inherit it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="sameo-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def shared_path() -> pathlib.Path:

@@ -269,6 +269,15 @@ def array_checksums(items: Mapping[str, Any], to_host: Any = np.asarray) -> dict
     return sums
 
 
+def checksum_failure(got: Mapping[str, str], want: Mapping[str, str]) -> str | None:
+    """None when two `array_checksums` results agree, else the reason naming the leaves."""
+    bad = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
+    if not bad:
+        return None
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    return f"{bad[0]}{more} fail their checksums"
+
+
 def _restore_orbax(directory: pathlib.Path) -> tuple[EfficientSamConfig | None, Any]:
     """The newest undamaged step's model config (None if not stored) and params (numpy).
 
@@ -339,11 +348,9 @@ def _restore_step(manager: Any, step: int, step_dir: pathlib.Path, directory: pa
     if checksums is not None:
         want = {k: v for k, v in dict(checksums.get("crc32") or {}).items()
                 if k.startswith(PARAMS_ITEM + "[")}
-        got = array_checksums({PARAMS_ITEM: params})
-        bad = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
-        if bad:
-            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-            raise _DamagedStep(f"{bad[0]}{more} fail their checksums")
+        failure = checksum_failure(array_checksums({PARAMS_ITEM: params}), want)
+        if failure:
+            raise _DamagedStep(failure)
     return config, params
 
 

@@ -40,13 +40,18 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from sameo_jax import distributed
-from sameo_jax.model_io import CHECKSUM_ITEM, array_checksums, item_handlers
+from sameo_jax.model_io import (
+    CHECKSUM_ITEM,
+    TRAIN_ARRAY_ITEMS,
+    array_checksums,
+    checksum_failure,
+    item_handlers,
+)
 from sameo_jax.models.config import EfficientSamConfig
 from sameo_jax.training.state import TrainState
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "damaged"  # under CHECKPOINT_SUBDIR: damaged steps moved out of the way
-ARRAY_ITEMS = ("params", "opt_state", "train")
 CHECKED_JSON_ITEMS = ("model_config", "data")
 
 
@@ -205,12 +210,10 @@ class TrainCheckpointer:
         restored = self._read(step, lambda: self.manager.restore(
             step, args=ocp.args.Composite(**items)))
         if checksums is not None:
-            got = array_checksums({k: restored[k] for k in ARRAY_ITEMS}, _host_bytes)
-            want = checksums["crc32"]
-            bad = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
-            if bad:
-                more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-                raise self._damaged(step, f"{bad[0]}{more} fail their checksums")
+            got = array_checksums({k: restored[k] for k in TRAIN_ARRAY_ITEMS}, _host_bytes)
+            failure = checksum_failure(got, checksums["crc32"])
+            if failure:
+                raise self._damaged(step, failure)
             self.good_step = max(step, self.good_step or 0)
         return TrainState(
             step=restored.train["step"],

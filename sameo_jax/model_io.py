@@ -12,13 +12,15 @@ Run `python -m sameo_jax.model_io INPUT OUTPUT_DIR [--variant vitt]` to convert 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import pathlib
 import re
 import sys
+import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -278,6 +280,48 @@ def checksum_failure(got: Mapping[str, str], want: Mapping[str, str]) -> str | N
     return f"{bad[0]}{more} fail their checksums"
 
 
+def _abandoned_read(exc: BaseException | None, obj: Any = None) -> bool:
+    """Whether an error comes from a read orbax gave up on after another failed: its
+    coroutine, or tensorstore's reply to an event loop that is closed by then."""
+    return inspect.iscoroutine(obj) or (
+        isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")
+
+
+def silence_abandoned_reads() -> Callable[[], None]:
+    """Keeps the tracebacks of reads orbax abandons when a restore fails (they end later, in
+    other threads) off stderr; every other error is printed as before. Install it before the
+    read (an abandoned read may end while the failure is handled) and call what it returns
+    after a read that succeeded, which puts the previous hooks back."""
+    if getattr(sys.excepthook, "_sameo", False):
+        return lambda: None
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def quiet_excepthook(kind, exc, tb):
+        if not _abandoned_read(exc):
+            excepthook(kind, exc, tb)
+
+    def quiet_unraisablehook(u):
+        if not _abandoned_read(u.exc_value, u.object):
+            unraisablehook(u)
+
+    thread_hook = threading.excepthook
+
+    def quiet_thread_hook(args):
+        if not _abandoned_read(args.exc_value):
+            thread_hook(args)
+
+    quiet_excepthook._sameo = True
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+    threading.excepthook = quiet_thread_hook
+
+    def restore() -> None:
+        if sys.excepthook is quiet_excepthook:
+            sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+            threading.excepthook = thread_hook
+
+    return restore
+
+
 def _restore_orbax(directory: pathlib.Path) -> tuple[EfficientSamConfig | None, Any]:
     """The newest undamaged step's model config (None if not stored) and params (numpy).
 
@@ -286,6 +330,7 @@ def _restore_orbax(directory: pathlib.Path) -> tuple[EfficientSamConfig | None, 
     """
     import orbax.checkpoint as ocp
 
+    unsilence = silence_abandoned_reads()
     with ocp.CheckpointManager(directory, item_handlers=item_handlers()) as manager:
         steps = sorted(manager.all_steps(), reverse=True)
         if not steps:
@@ -294,7 +339,10 @@ def _restore_orbax(directory: pathlib.Path) -> tuple[EfficientSamConfig | None, 
         for step in steps:
             step_dir = pathlib.Path(manager.directory) / str(step)
             try:
-                return _restore_step(manager, step, step_dir, directory)
+                restored = _restore_step(manager, step, step_dir, directory)
+                if not damage:
+                    unsilence()
+                return restored
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure means a damaged step

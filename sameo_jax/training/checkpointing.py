@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import inspect
 import json
 import pathlib
 import sys
-import threading
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +44,7 @@ from sameo_jax.model_io import (
     array_checksums,
     checksum_failure,
     item_handlers,
+    silence_abandoned_reads,
 )
 from sameo_jax.models.config import EfficientSamConfig
 from sameo_jax.training.state import TrainState
@@ -146,17 +145,19 @@ class TrainCheckpointer:
 
     def _read(self, step: int, read: Callable[[], Any]) -> Any:
         """read(), any failure of the files turned into DamagedCheckpointError."""
+        unsilence = silence_abandoned_reads()
         try:
-            return read()
+            value = read()
         except DamagedCheckpointError:
             raise
         except Exception as e:  # orbax, tensorstore and json name no common error type
-            _silence_abandoned_reads()
             gc.collect()
             while e.__cause__ is not None:  # orbax wraps the tensorstore error naming the file
                 e = e.__cause__
             message = " ".join(str(e).split())[:300]
             raise self._damaged(step, f"{type(e).__name__}: {message}") from None
+        unsilence()
+        return value
 
     def _checked_json(self, step: int, name: str, checksums: dict | None) -> Any:
         value = self._read(step, lambda: self._json(step, name))
@@ -313,36 +314,3 @@ def _warn(line: str) -> None:
     """One line on stderr, from process 0 only."""
     if distributed.is_primary():
         print(line, file=sys.stderr, flush=True)
-
-
-def _abandoned_read(exc: BaseException | None, obj: Any = None) -> bool:
-    """Whether an error comes from a read orbax gave up on after another failed: its
-    coroutine, or tensorstore's reply to an event loop that is closed by then."""
-    return inspect.iscoroutine(obj) or (
-        isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")
-
-
-def _silence_abandoned_reads() -> None:
-    """Keeps the tracebacks of abandoned reads (printed later, from other threads) off
-    stderr once a restore has failed; every other error is printed as before."""
-    if getattr(sys.excepthook, "_sameo", False):
-        return
-    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
-
-    def quiet_excepthook(kind, exc, tb):
-        if not _abandoned_read(exc):
-            excepthook(kind, exc, tb)
-
-    def quiet_unraisablehook(u):
-        if not _abandoned_read(u.exc_value, u.object):
-            unraisablehook(u)
-
-    thread_hook = threading.excepthook
-
-    def quiet_thread_hook(args):
-        if not _abandoned_read(args.exc_value):
-            thread_hook(args)
-
-    quiet_excepthook._sameo = True
-    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
-    threading.excepthook = quiet_thread_hook

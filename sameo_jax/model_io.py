@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import math
 import os
 import pathlib
@@ -287,6 +288,12 @@ def _abandoned_read(exc: BaseException | None, obj: Any = None) -> bool:
         isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")
 
 
+def _drop_abandoned_tasks(record: logging.LogRecord) -> bool:
+    """False for asyncio's report of a read task dropped with its exception unretrieved."""
+    return not str(record.msg).startswith(("Task exception was never retrieved",
+                                           "Future exception was never retrieved"))
+
+
 def silence_abandoned_reads() -> Callable[[], None]:
     """Keeps the tracebacks of reads orbax abandons when a restore fails (they end later, in
     other threads) off stderr; every other error is printed as before. Install it before the
@@ -313,11 +320,14 @@ def silence_abandoned_reads() -> Callable[[], None]:
     quiet_excepthook._sameo = True
     sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
     threading.excepthook = quiet_thread_hook
+    asyncio_logger = logging.getLogger("asyncio")  # logs tasks dropped with an exception
+    asyncio_logger.addFilter(_drop_abandoned_tasks)
 
     def restore() -> None:
         if sys.excepthook is quiet_excepthook:
             sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
             threading.excepthook = thread_hook
+            asyncio_logger.removeFilter(_drop_abandoned_tasks)
 
     return restore
 

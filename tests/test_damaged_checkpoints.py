@@ -8,6 +8,7 @@ Also the config of the train.py runs here: `--config tests/test_damaged_checkpoi
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -219,3 +220,46 @@ def test_readers_skip_a_damaged_latest_step(undamaged, tmp_path, capsys, damage)
         DAMAGE[damage](run / "checkpoints" / str(step))
     with pytest.raises(CheckpointError, match="every checkpoint step is damaged"):
         load_model(run)
+
+
+def test_abandoned_reads_are_silenced_and_nothing_else(capsys):
+    """What orbax leaves behind when a restore fails (an asyncio task dropped with its
+    exception, a reply to a closed loop) stays off stderr while the filter is on; other
+    errors are printed, and the hooks are put back after a read that succeeded."""
+    import asyncio
+    import gc
+    import logging
+
+    from sameo_jax.model_io import silence_abandoned_reads
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger("asyncio").addHandler(handler)
+
+    async def read():
+        raise ValueError("damaged")
+
+    def abandon_a_read():
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(read())
+        loop.run_until_complete(asyncio.sleep(0.01))
+        loop.close()
+        del task
+        gc.collect()
+        sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+
+    try:
+        hooks = sys.excepthook, sys.unraisablehook
+        undo = silence_abandoned_reads()
+        abandon_a_read()
+        logging.getLogger("asyncio").error("another asyncio error")
+        sys.excepthook(KeyError, KeyError("another error"), None)
+        assert stream.getvalue() == "another asyncio error\n"
+        assert "another error" in capsys.readouterr().err
+        undo()
+        assert (sys.excepthook, sys.unraisablehook) == hooks
+        abandon_a_read()
+        assert "exception was never retrieved" in stream.getvalue()
+        assert "Event loop is closed" in capsys.readouterr().err
+    finally:
+        logging.getLogger("asyncio").removeHandler(handler)

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from datasets import build
-from sameo_jax.data import sources
+from sameo_jax.data import pipeline, sources
 
 H, W = 30, 40
 
@@ -225,6 +225,15 @@ def test_cocoa_release_layout_counts_and_masks(tmp_path, capsys):
             np.testing.assert_allclose(obj["visible_bbox"][k], [*box[:2], *(box[:2] + box[2:])])
             assert obj["occlusion_rate"][k] == pytest.approx(r["occlude_rate"])
         assert obj["category_id"].tolist() == [0] * len(regions)
+    # The loader's masks from the stored files, pooled over their boxes: those of the arrays.
+    for i in range(len(source)):
+        record, masks = source.record(i), source[i]["objects"]
+        every = np.arange(record.num_instances)
+        for kind, size in [("amodal", 7), ("visible", 7), ("amodal", 16), ("visible", 32)]:
+            pooled, nonempty = record.pooled_masks(kind, every, size)
+            full = masks[f"{kind}_mask"]
+            np.testing.assert_array_equal(pooled, pipeline.downsample_masks(full, size))
+            np.testing.assert_array_equal(nonempty, full.reshape(len(full), -1).any(axis=1))
 
 
 def test_cocoa_cls_and_d2sa(tmp_path, capsys):

@@ -85,6 +85,34 @@ def test_downsample_masks_is_majority_area_pooling():
     np.testing.assert_array_equal(pipeline.downsample_masks(mask, 4)[0].nonzero(), ([0], [0]))
 
 
+def _covered_half(mask: np.ndarray, size: int) -> np.ndarray:
+    """Majority area pooling by its definition, in exact fractions."""
+    from fractions import Fraction
+
+    h, w = mask.shape
+    out = np.zeros((size, size), bool)
+    for i, j in np.ndindex(size, size):
+        y0, y1 = Fraction(i * h, size), Fraction((i + 1) * h, size)
+        x0, x1 = Fraction(j * w, size), Fraction((j + 1) * w, size)
+        area = sum((min(y1, y + 1) - max(y0, y)) * (min(x1, x + 1) - max(x0, x))
+                   for y, x in zip(*np.nonzero(mask), strict=True)
+                   if y0 < y + 1 and y < y1 and x0 < x + 1 and x < x1)
+        out[i, j] = 2 * area >= (y1 - y0) * (x1 - x0)
+    return out
+
+
+def test_downsample_masks_is_exact_for_any_sizes():
+    rng = np.random.default_rng(0)
+    for h, w, size in [(13, 29, 8), (30, 17, 7), (9, 11, 16), (24, 36, 5), (40, 40, 1)]:
+        yy, xx = np.mgrid[0:h, 0:w]
+        masks = np.stack([((xx - rng.uniform(0, w)) / rng.uniform(2, w)) ** 2
+                          + ((yy - rng.uniform(0, h)) / rng.uniform(2, h)) ** 2 <= 1
+                          for _ in range(3)] + [np.zeros((h, w), bool)])
+        masks[2] &= rng.random((h, w)) < 0.6
+        want = np.stack([_covered_half(m, size) for m in masks])
+        np.testing.assert_array_equal(pipeline.downsample_masks(masks, size), want)
+
+
 def test_deterministic_resumable_and_thread_independent(demo):
     first = [next(_loader({"demo": demo})) for _ in range(1)][0]
     it = _loader({"demo": demo})

@@ -313,6 +313,8 @@ class SplitReader:
     and checks them on first use.
     """
 
+    dtype = np.dtype(ml_dtypes.bfloat16)
+
     def __init__(self, store: EmbeddingStore, source: str, split: str,
                  description: str | None = None):
         self.store_path = store.path
@@ -349,8 +351,9 @@ class SplitReader:
         """The image id the writer saw at `index` (to check the data has not changed)."""
         return int(self._image_ids[index])
 
-    def get(self, index: int) -> np.ndarray:
-        """Example `index`'s embedding, bfloat16 [E, E, D] (a copy)."""
+    def get(self, index: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Example `index`'s embedding, bfloat16 [E, E, D]: a copy, or written into `out`
+        (e.g. a row of a batch) and returned."""
         index = int(index)
         if not 0 <= index < self.layout.num_examples:
             raise IndexError(f"{self.source}/{self.split}: example {index} not in "
@@ -359,7 +362,10 @@ class SplitReader:
         shard = self._open.get(k)
         if shard is None:
             shard = self._open[k] = self._map(k)
-        return np.array(shard[row]).view(ml_dtypes.bfloat16)
+        if out is None:
+            return np.array(shard[row]).view(ml_dtypes.bfloat16)
+        out.view(np.uint16)[...] = shard[row]
+        return out
 
     def _shard_meta(self, k: int) -> tuple[pathlib.Path, dict[str, Any]]:
         path = self.directory / f"{_shard_name(k)}.json"

@@ -52,7 +52,7 @@ Only the chosen instances' masks are decoded where the source gives records
 amodal box has an area (the builders drop empty masks).
 
 Target masks at L: each L x L cell is in the mask when at least half of its area is covered
-("majority area pooling": PIL's BOX filter, an exact area average, thresholded at 0.5). The
+("majority area pooling", computed exactly in integers over the mask's bounding box). The
 L x L grid spans the whole original image, the same frame as the resized S x S input. An
 instance whose amodal target vanishes at L (too small) is marked invalid.
 
@@ -77,6 +77,7 @@ worker_count: resume with the same worker_count). With orbax, save it beside the
 
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import threading
@@ -88,9 +89,9 @@ import grain
 import jax
 import numpy as np
 from absl import flags, logging
-from PIL import Image
 
 from sameo_jax.data import mixture as mixture_lib
+from sameo_jax.data.pooling import downsample_masks
 from sameo_jax.preprocessing import pad_image, rescale_points, resize_image
 
 PROMPT_MODES = ("random", "modal", "amodal")
@@ -122,23 +123,6 @@ def _check_example(example: Any, where: str) -> None:
                              f"[{n}, {image.shape[0]}, {image.shape[1]}]")
 
 
-def downsample_masks(masks: np.ndarray, size: int) -> np.ndarray:
-    """[N, H, W] bool -> [N, size, size] bool by majority area pooling (see module doc)."""
-    masks = np.asarray(masks, bool)
-    n, h, w = masks.shape
-    if h % size == 0 and w % size == 0:  # whole cells: the same area average, vectorised
-        cells = masks.reshape(n, size, h // size, size, w // size)
-        return 2 * cells.sum(axis=(2, 4)) >= (h // size) * (w // size)
-    out = np.zeros((n, size, size), bool)
-    for k, mask in enumerate(masks):
-        if mask.shape == (size, size):
-            out[k] = mask
-            continue
-        pooled = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BOX)
-        out[k] = np.asarray(pooled) >= 128
-    return out
-
-
 def jitter_boxes(boxes: np.ndarray, scale: float, rng: np.random.Generator,
                  image_hw: tuple[int, int]) -> np.ndarray:
     """Adds Gaussian noise (std = scale * box side, clipped to 2 std) to [K, 4] xyxy boxes.
@@ -162,7 +146,7 @@ def jitter_boxes(boxes: np.ndarray, scale: float, rng: np.random.Generator,
 class DecodedExample:
     """A schema example (every array decoded already) behind the interface of
     `sources.Record`: image_id, objects, image_hw(), image(), masks(kind, indices),
-    usable()."""
+    pooled_masks(kind, indices, size), usable()."""
 
     def __init__(self, example: Mapping[str, Any], where: str = "example"):
         _check_example(example, where)
@@ -179,6 +163,11 @@ class DecodedExample:
 
     def masks(self, kind: str, indices: Any) -> np.ndarray:
         return np.asarray(self.objects[f"{kind}_mask"], bool)[np.asarray(indices, np.int64)]
+
+    def pooled_masks(self, kind: str, indices: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(`downsample_masks` of the masks [k, size, size], whether each has a pixel [k])."""
+        masks = self.masks(kind, indices)
+        return downsample_masks(masks, size), masks.reshape(len(masks), -1).any(axis=1)
 
     def usable(self) -> np.ndarray:
         """Instances with a non-empty amodal mask."""
@@ -206,14 +195,17 @@ def prepare_example(
     instances: Sequence[int] | None = None,
     image_pad_hw: tuple[int, int] | None = None,
     embedding: np.ndarray | None = None,
+    image: bool = True,
 ) -> dict[str, np.ndarray]:
     """One example (a schema dict or a `sources.Record`) -> one row of the training batch
-    (no B axis; see the module docstring for which image keys it gets).
+    (no B axis; see the module docstring for which image keys it gets; with image_pad_hw the
+    row's image is as decoded, [h, w, 3], and `stack_rows` pads it).
 
     rng: randomness for instance subsampling, random prompts and jitter (None: none allowed).
     instances: explicit instance indices to use (at most N; the evaluation path); default:
     all usable instances, N of them at random when there are more. Only the used instances'
-    masks are decoded, and the image only when there is no `embedding`.
+    masks are decoded, and the image only when there is no `embedding` and `image` is True
+    (False: a row without image keys, whose embedding the caller adds).
     """
     record = as_record(example)
     h, w = record.image_hw()
@@ -233,8 +225,7 @@ def prepare_example(
 
     amodal_boxes = np.asarray(objects["amodal_bbox"], np.float32)[chosen].reshape(k, 4)
     visible_boxes = np.asarray(objects["visible_bbox"], np.float32)[chosen].reshape(k, 4)
-    visible_masks = record.masks("visible", chosen)
-    has_visible = visible_masks.reshape(k, -1).any(axis=1)
+    visible_small, has_visible = record.pooled_masks("visible", chosen, mask_size)
     if prompt_mode == "random":
         if rng is None:
             raise ValueError("prompt_mode 'random' needs an rng")
@@ -251,8 +242,7 @@ def prepare_example(
         boxes = jitter_boxes(boxes, box_jitter, rng, (h, w))
     boxes = rescale_points(boxes.reshape(k, 2, 2), (h, w), image_size).reshape(k, 4)
 
-    amodal_small = downsample_masks(record.masks("amodal", chosen), mask_size)
-    visible_small = downsample_masks(visible_masks, mask_size)
+    amodal_small, _ = record.pooled_masks("amodal", chosen, mask_size)
     valid = amodal_small.reshape(k, -1).any(axis=1)
 
     def pad(x: np.ndarray, dtype) -> np.ndarray:
@@ -263,13 +253,19 @@ def prepare_example(
     row = {}
     if embedding is not None:
         row["embedding"] = embedding
+    elif not image:
+        pass
     elif image_pad_hw is not None:
         if h > image_pad_hw[0] or w > image_pad_hw[1]:
             logging.log_first_n(
                 logging.WARNING, "a %dx%d image exceeds the image pad %s: such images are "
                 "resized on the host (rounded to uint8); a larger pad (config.data."
                 "image_pad_hw) keeps the resize exact", 1, h, w, tuple(image_pad_hw))
-        row["image"], row["pixels_hw"] = pad_image(record.image(), image_pad_hw, image_size)
+        pixels = record.image()
+        if h > image_pad_hw[0] or w > image_pad_hw[1]:
+            pixels = pad_image(pixels, (image_size, image_size), image_size)[0]
+        row["image"] = pixels  # padded to image_pad_hw when rows are stacked (stack_rows)
+        row["pixels_hw"] = np.asarray(pixels.shape[:2], np.int32)
     else:
         resized = resize_image(record.image(), image_size)
         row["image"] = np.clip(np.rint(resized), 0, 255).astype(np.uint8)
@@ -295,14 +291,13 @@ def _load(source: Any, index: int, where: str) -> Any:
     return DecodedExample(source[index], where)
 
 
-def _cached(embeddings: Any, record: Any, index: int, where: str) -> np.ndarray:
-    """The cached embedding of example `index`, after checking it was made of this image."""
+def _check_cached(embeddings: Any, record: Any, index: int, where: str) -> None:
+    """Checks that the cached embedding of example `index` was made of this image."""
     if record.image_id != embeddings.image_id(index):
         raise ValueError(
             f"{where}: image id {record.image_id}, but the embedding cache "
             f"{embeddings.directory} holds image id {embeddings.image_id(index)} there (made of "
             "other data; write the cache again with embed.py)")
-    return embeddings.get(index)
 
 
 def _check_embeddings(name: str, source: Any, embeddings: Any) -> None:
@@ -336,15 +331,30 @@ class _KeyedSources:
         if self.offsets[-1] > np.iinfo(np.int32).max:
             raise ValueError("pipeline: more than 2**31 images in all; image_key is int32")
 
-    def load(self, key: int) -> tuple[int, Any, np.ndarray | None]:
-        """(key, the example as a record, its cached embedding or None)."""
+    def _locate(self, key: int) -> tuple[int, int]:
+        """(source number, index in it) of a global image key."""
         d = int(np.searchsorted(self.offsets, key, side="right") - 1)
-        index = int(key - self.offsets[d])
+        return d, int(key - self.offsets[d])
+
+    def load(self, key: int) -> tuple[int, Any]:
+        """(key, the example as a record); its cached embedding, if any, checked to be of it."""
+        d, index = self._locate(key)
         where = f"source {self.names[d]!r} example {index}"
         record = _load(self.sources[d], index, where)
-        if self.embeddings is None:
-            return int(key), record, None
-        return int(key), record, _cached(self.embeddings[d], record, index, where)
+        if self.embeddings is not None:
+            _check_cached(self.embeddings[d], record, index, where)
+        return int(key), record
+
+    def add_embeddings(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch with 'embedding' bfloat16 [B, E, E, D] of its image keys, read straight
+        into the batch (in the process that consumes it: no copy passes through workers)."""
+        keys = np.asarray(batch["image_key"]).reshape(-1)
+        first = self.embeddings[self._locate(int(keys[0]))[0]]
+        out = np.empty((len(keys), *first.embedding_shape), first.dtype)
+        for row, key in enumerate(keys):
+            d, index = self._locate(int(key))
+            self.embeddings[d].get(index, out=out[row])
+        return {**batch, "embedding": out}
 
 
 def make_train_dataset(
@@ -401,13 +411,13 @@ def make_train_dataset(
     mixed = mixture_lib.mix_datasets(streams, [weights[n] for n in keyed.names],
                                      seed=_sub_seed(seed, 2), block_size=mixture_block_size)
 
-    def prepare(item: tuple[int, Any, np.ndarray | None], rng: np.random.Generator):
-        key, record, embedding = item
+    def prepare(item: tuple[int, Any], rng: np.random.Generator):
+        key, record = item
         return prepare_example(
             record, rng, image_size=image_size, mask_size=mask_size,
             instances_per_image=instances_per_image, prompt_mode=prompt_mode,
             amodal_prompt_prob=amodal_prompt_prob, box_jitter=box_jitter, image_key=key,
-            image_pad_hw=image_pad_hw, embedding=embedding)
+            image_pad_hw=image_pad_hw, image=keyed.embeddings is None)
 
     if not 0 <= process_index < process_count or batch_size % process_count:
         raise ValueError(f"pipeline: batch_size {batch_size} does not split among "
@@ -417,7 +427,8 @@ def make_train_dataset(
     # Element i of the global stream is the same example with the same randomness whatever
     # the number of processes; each process reads only its own rows of every global batch.
     ds = mixed.map(keyed.load).random_map(prepare, seed=_sub_seed(seed, 3))
-    ds = ds[start:].batch(batch_size // process_count, drop_remainder=True)
+    ds = ds[start:].batch(batch_size // process_count, drop_remainder=True,
+                          batch_fn=functools.partial(stack_rows, image_pad_hw=image_pad_hw))
     ds = ds[process_index::process_count]
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                  prefetch_buffer_size=prefetch_batches))
@@ -428,6 +439,8 @@ def make_train_dataset(
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+    if keyed.embeddings is not None:
+        it_ds = it_ds.map(keyed.add_embeddings)
     return it_ds
 
 
@@ -474,7 +487,10 @@ def make_eval_loader(
     def rows(index: int) -> list[dict[str, np.ndarray]]:
         where = f"eval source example {index}"
         record = _load(source, index, where)
-        embedding = None if embeddings is None else _cached(embeddings, record, index, where)
+        embedding = None
+        if embeddings is not None:
+            _check_cached(embeddings, record, index, where)
+            embedding = embeddings.get(index)
         usable = record.usable()
         chunks = [usable[i : i + instances_per_image]
                   for i in range(0, len(usable), instances_per_image)] or [usable]
@@ -496,26 +512,38 @@ def make_eval_loader(
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     ds = grain.MapDataset.range(process_index, n, process_count).map(rows).to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4))
-    return _batched(iter(ds), batch_size)
+    return _batched(iter(ds), batch_size, image_pad_hw)
 
 
-def _batched(row_lists: Iterator[list[dict[str, np.ndarray]]],
-             batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def _batched(row_lists: Iterator[list[dict[str, np.ndarray]]], batch_size: int,
+             image_pad_hw: tuple[int, int] | None) -> Iterator[dict[str, np.ndarray]]:
     pending: list[dict[str, np.ndarray]] = []
     for rows in row_lists:
         pending.extend(rows)
         while len(pending) >= batch_size:
-            yield _stack(pending[:batch_size])
+            yield stack_rows(pending[:batch_size], image_pad_hw)
             pending = pending[batch_size:]
     if pending:
         filler = {k: np.zeros_like(v) for k, v in pending[0].items()}
         filler["instance_index"] = np.full_like(pending[0]["instance_index"], -1)
         filler["image_key"] = np.int32(-1)
-        yield _stack(pending + [filler] * (batch_size - len(pending)))
+        yield stack_rows(pending + [filler] * (batch_size - len(pending)), image_pad_hw)
 
 
-def _stack(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+def stack_rows(rows: Sequence[dict[str, np.ndarray]],
+               image_pad_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Rows of `prepare_example` -> one batch; with image_pad_hw (P, Q), each row's image
+    goes to the top-left of a zero [B, P, Q, 3] array (one copy, no padded row image)."""
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "image"}
+    if "image" in rows[0]:
+        if image_pad_hw is None:
+            batch["image"] = np.stack([r["image"] for r in rows])
+        else:
+            batch["image"] = np.zeros((len(rows), *image_pad_hw, 3), np.uint8)
+            for out, r in zip(batch["image"], rows, strict=True):
+                h, w = r["image"].shape[:2]
+                out[:h, :w] = r["image"]
+    return {k: batch[k] for k in rows[0]}
 
 
 def to_global_batch(batch: Any, sharding: jax.sharding.Sharding) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sameo_jax.data.occluders import paste_occluders, stored_patches
+from sameo_jax.data.pooling import mask_box, pool_mask_crop
 
 # split -> (seed, number of examples) of the in-memory demo data set.
 DEMO_SPLITS = {"train": (0, 2000), "validation": (1, 200), "test": (2, 200)}
@@ -178,25 +179,54 @@ class Record:
         self._hw = image.shape[:2]
         return image
 
-    def masks(self, kind: str, indices: Any) -> np.ndarray:
-        """bool [k, H, W]: the `kind` ('amodal' | 'visible') masks of instances `indices`."""
+    def _decoded_mask(self, kind: str, i: int) -> Any:
+        """Mask `i` of `kind` as a loaded PIL image of the image's size."""
         from PIL import Image
 
         h, w = self.image_hw()
+        data = self._parsed["objects"][f"{kind}_mask"][int(i)]
+        try:
+            im = Image.open(io.BytesIO(data))
+            im.load()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.where}: unreadable {kind} mask {int(i)} ({e})") from None
+        if im.size != (w, h) or len(im.getbands()) != 1:
+            raise ValueError(f"{self.where}: {kind} mask {int(i)} is {im.size[1]}x{im.size[0]}"
+                             f"x{len(im.getbands())}, the image {h}x{w} (one channel)")
+        return im
+
+    def masks(self, kind: str, indices: Any) -> np.ndarray:
+        """bool [k, H, W]: the `kind` ('amodal' | 'visible') masks of instances `indices`."""
+        h, w = self.image_hw()
         out = np.zeros((len(indices), h, w), bool)
         for row, i in enumerate(indices):
-            data = self._parsed["objects"][f"{kind}_mask"][int(i)]
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    mask = np.asarray(im) if im.mode == "1" else np.asarray(im) != 0
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{self.where}: unreadable {kind} mask {int(i)} ({e})") from None
-            mask = mask.reshape(mask.shape[:2]) if mask.ndim == 3 and mask.shape[-1] == 1 else mask
-            if mask.shape != (h, w):
-                raise ValueError(f"{self.where}: {kind} mask {int(i)} is {mask.shape}, the "
-                                 f"image {h}x{w}")
-            out[row] = mask
+            out[row] = _nonzero(self._decoded_mask(kind, i))
         return out
+
+    def pooled_masks(self, kind: str, indices: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the masks of instances `indices` pooled to [k, size, size] bool, as
+        `pipeline.downsample_masks`, and whether each has a pixel [k]), decoded and pooled
+        over each mask's bounding box only."""
+        hw = self.image_hw()
+        out, nonempty = np.zeros((len(indices), size, size), bool), np.zeros(len(indices), bool)
+        for row, i in enumerate(indices):
+            im = self._decoded_mask(kind, i)
+            if im.mode in ("1", "L"):  # getbbox: the box of the nonzero pixels
+                box = im.getbbox()
+                crop = None if box is None else _nonzero(im.crop(box))
+            else:
+                mask = _nonzero(im)
+                box = mask_box(mask)
+                crop = None if box is None else mask[box[1] : box[3], box[0] : box[2]]
+            if box is not None:
+                out[row], nonempty[row] = pool_mask_crop(crop, box, hw, size), True
+        return out, nonempty
+
+
+def _nonzero(im: Any) -> np.ndarray:
+    """A decoded one-channel mask image -> [H, W] bool (its nonzero pixels)."""
+    mask = np.asarray(im)
+    return mask if im.mode == "1" else mask != 0
 
 
 def to_schema(record: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Shared test settings: where ../shared lives (env SAMEO_SHARED, default ../shared), and one
-JAX compilation cache for the session's processes."""
+"""Shared test settings: where ../shared lives (env SAMEO_SHARED, default ../shared), one
+JAX compilation cache for the session's processes, and XLA flags for small programs."""
 
 import atexit
 import os
@@ -21,6 +21,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache,
                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+# Test programs are small: LLVM's optimisations would cost more compile time than they save.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+
+
+def xla_flags(*flags: str) -> str:
+    """This session's XLA_FLAGS with `flags` added (for the processes tests start)."""
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
 
 
 def shared_path() -> pathlib.Path:

@@ -26,6 +26,7 @@ from PIL import Image
 from sameo_jax.evaluation.evaluator import EvalOptions, evaluate
 from sameo_jax.model_io import load_model
 from sameo_jax.training import loop
+from tests.conftest import xla_flags
 from tests.test_training import micro_config, read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def free_port() -> int:
 
 def start(args: list[str], devices: int = 1) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"))
     return subprocess.Popen([sys.executable, *args], env=env, cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

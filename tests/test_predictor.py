@@ -16,7 +16,7 @@ from sameo_jax.models.config import model_config
 from sameo_jax.models.efficient_sam import init_params
 from sameo_jax.predictor import Predictor, bucket_size
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, xla_flags
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ one = np.asarray(Predictor(p.config, p.params, devices=jax.devices()[:1]).encode
 assert len(jax.devices()) == 8, jax.devices()
 print(np.abs(many - one).max())
 """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
                JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True,
                             text=True, env=env, timeout=300)

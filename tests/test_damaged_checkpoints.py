@@ -222,16 +222,24 @@ def test_readers_skip_a_damaged_latest_step(undamaged, tmp_path, capsys, damage)
         load_model(run)
 
 
-def test_abandoned_reads_are_silenced_and_nothing_else(capsys):
+def test_abandoned_reads_are_silenced_and_nothing_else(capsys, monkeypatch):
     """What orbax leaves behind when a restore fails (an asyncio task dropped with its
     exception, a reply to a closed loop) stays off stderr while the filter is on; other
     errors are printed, and the hooks are put back after a read that succeeded."""
     import asyncio
     import gc
     import logging
+    import threading
 
+    from sameo_jax import model_io
     from sameo_jax.model_io import silence_abandoned_reads
 
+    # From Python's own hooks: an earlier failed restore in this process leaves the filter on.
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    monkeypatch.setattr(logging.getLogger("asyncio"), "filters", [
+        f for f in logging.getLogger("asyncio").filters if f is not model_io._drop_abandoned_tasks])
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     logging.getLogger("asyncio").addHandler(handler)

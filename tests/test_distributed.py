@@ -1,8 +1,8 @@
 """Many devices and processes: the same training and evaluation numbers as one process, and
 checkpoints that move between meshes.
 
-Runs (micro model, 20 steps, evaluation at steps 10 and 20):
-  one     1 process, 1 device (this test process), 24 steps
+Runs (micro model, 8 steps, evaluation and checkpoints at steps 4 and 8):
+  one     1 process, 1 device (this test process), 10 steps
   two     2 processes of 1 device on 127.0.0.1 (jax.distributed over gloo)
   eight   1 process, 8 fake devices
 """
@@ -24,13 +24,13 @@ import pytest
 from PIL import Image
 
 from sameo_jax.evaluation.evaluator import EvalOptions, evaluate
-from sameo_jax.model_io import load_model
+from sameo_jax.model_io import load_model, save_params
 from sameo_jax.training import loop
-from tests.conftest import xla_flags
+from tests.conftest import random_params, xla_flags
 from tests.test_training import micro_config, read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STEPS, MORE_STEPS = 20, 24
+STEPS, MORE_STEPS, EVERY = 8, 10, 4
 TIMEOUT = 600
 
 DRIVER = textwrap.dedent("""
@@ -43,8 +43,9 @@ DRIVER = textwrap.dedent("""
 
 
 def run_config(steps: int, **extra):
-    """The runs' config: global batch 8, a log record per step, eval at 10 and 20."""
-    c = micro_config(**{"total_steps": steps, "eval_every": 10, "checkpoint_every": 10,
+    """The runs' config: global batch 8, a log record per step, eval and checkpoints every
+    EVERY steps."""
+    c = micro_config(**{"total_steps": steps, "eval_every": EVERY, "checkpoint_every": EVERY,
                         **extra})
     c.data.demo_eval_examples = 12
     return c
@@ -76,23 +77,27 @@ def finish(procs: list[subprocess.Popen]) -> list[str]:
     return outs
 
 
-def train_processes(workdir: pathlib.Path, n: int) -> list[subprocess.Popen]:
+def train_processes(workdir: pathlib.Path, n: int, **more) -> list[subprocess.Popen]:
     extra = {"distributed": True, "coordinator_address": f"127.0.0.1:{free_port()}",
-             "num_processes": n}
+             "num_processes": n, **more}
     return [start(["-c", DRIVER.format(repo=str(REPO), steps=STEPS, workdir=str(workdir),
                                        extra={**extra, "process_id": i})]) for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Workdirs of the three runs, trained side by side."""
+    """Workdirs of the three runs, trained side by side from the same saved random weights
+    (each process reads them, as a fine-tuning run reads EfficientSAM's)."""
     root = tmp_path_factory.mktemp("runs")
     dirs = {name: root / name for name in ("one", "two", "eight")}
-    procs = train_processes(dirs["two"], 2)
-    code = DRIVER.format(repo=str(REPO), steps=STEPS, workdir=str(dirs["eight"]), extra={})
+    model_cfg = loop.build_model_config(run_config(STEPS))
+    init = {"init_checkpoint": str(save_params(random_params(model_cfg), root / "init",
+                                               model_cfg))}
+    procs = train_processes(dirs["two"], 2, **init)
+    code = DRIVER.format(repo=str(REPO), steps=STEPS, workdir=str(dirs["eight"]), extra=init)
     procs.append(start(["-c", code], devices=8))
     try:
-        loop.train_and_evaluate(run_config(MORE_STEPS), dirs["one"])
+        loop.train_and_evaluate(run_config(MORE_STEPS, **init), dirs["one"])
     finally:
         finish(procs)
     return dirs
@@ -149,8 +154,8 @@ def test_losses_and_eval_equal_one_process(runs, name):
     assert sorted(losses) == list(range(1, STEPS + 1))  # process 0 alone wrote, once a step
     np.testing.assert_allclose([losses[s] for s in sorted(losses)],
                                [one_losses[s] for s in sorted(losses)], rtol=1e-5)
-    assert sorted(evals) == [10, 20]
-    for step in (10, 20):
+    assert sorted(evals) == [EVERY, STEPS]
+    for step in (EVERY, STEPS):
         assert evals[step].keys() == one_evals[step].keys()
         assert evals[step]["eval/demo/num_instances"] == one_evals[step]["eval/demo/num_instances"]
         for key, value in evals[step].items():
@@ -159,7 +164,7 @@ def test_losses_and_eval_equal_one_process(runs, name):
 
 @pytest.mark.parametrize("name", ["two", "eight"])
 def test_checkpoint_resumes_on_one_device_where_the_data_left_off(runs, name, tmp_path):
-    """The run's step-20 checkpoint continues on 1 process / 1 device as if it were the
+    """The run's last checkpoint continues on 1 process / 1 device as if it were the
     one-process run: the data stream's global position carries over."""
     workdir = tmp_path / name
     shutil.copytree(runs[name] / "checkpoints" / str(STEPS),

@@ -56,7 +56,7 @@ def test_train_step_differentiates_the_dense_convolution():
 
     config = get_config("demo")  # the tiny model's training config
     b, n = 2, config.instances_per_image
-    config.batch_size = b
+    config.batch_size, config.decoder_remat = b, ""  # remat: tested below
     # One head: rank 1 x 2 x 8 = 16 < 32 channels, so 4 prompts take the factored path.
     factored_cfg = model_config("tiny", **dict(SMALL_DECODER, decoder_heads=1),
                                 factored_upscale=True)
@@ -97,7 +97,7 @@ def test_decoder_remat_keeps_the_loss_and_gradients(impl):
 
     config = get_config("demo")
     assert config.decoder_remat
-    model_cfg = model_config("tiny", **SMALL_DECODER, decoder_impl=impl)
+    model_cfg = model_config("tiny", **MICRO, decoder_impl=impl)
     params = _random_model_params(model_cfg)
     batch = jax.tree.map(jnp.asarray, _cached_batch(model_cfg, 2, config.instances_per_image))
 

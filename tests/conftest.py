@@ -100,3 +100,13 @@ def random_params(config, seed=0):
         return (rng.standard_normal(leaf.shape) * 0.05).astype(leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
+
+
+# The longest modules first: two pytest-xdist processes (by file) then end together.
+_LONGEST_FIRST = ("test_distributed.py", "test_training.py", "test_train_step.py",
+                  "test_damaged_checkpoints.py", "test_model_parity.py", "test_predictor.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a module

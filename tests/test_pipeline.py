@@ -113,6 +113,23 @@ def test_downsample_masks_is_exact_for_any_sizes():
         np.testing.assert_array_equal(pipeline.downsample_masks(masks, size), want)
 
 
+def test_images_padded_into_the_batch_or_resized_when_larger_than_the_pad(demo):
+    plain = next(_loader({"demo": demo}))  # resized to S x S on the host
+    fits = next(_loader({"demo": demo}, image_pad_hw=(100, 112)))
+    larger = next(_loader({"demo": demo}, image_pad_hw=(S, S + 16)))  # the 96 px scenes
+    assert fits["image"].shape == (4, 100, 112, 3) and larger["image"].shape == (4, S, S + 16, 3)
+    np.testing.assert_array_equal(fits["pixels_hw"], np.full((4, 2), 96))
+    np.testing.assert_array_equal(larger["pixels_hw"], np.full((4, 2), S))
+    for b, key in enumerate(fits["image_key"]):
+        np.testing.assert_array_equal(fits["image"][b, :96, :96], demo[int(key)]["image"])
+    assert not fits["image"][:, 96:].any() and not fits["image"][:, :, 96:].any()
+    np.testing.assert_array_equal(larger["image"][:, :, :S], plain["image"])
+    assert not larger["image"][:, :, S:].any()
+    for key in set(plain) - {"image"}:
+        np.testing.assert_array_equal(fits[key], plain[key], err_msg=key)
+        np.testing.assert_array_equal(larger[key], plain[key], err_msg=key)
+
+
 def test_deterministic_resumable_and_thread_independent(demo):
     first = [next(_loader({"demo": demo})) for _ in range(1)][0]
     it = _loader({"demo": demo})

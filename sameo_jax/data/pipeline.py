@@ -23,7 +23,7 @@ N = instances_per_image, L = mask_size), the image as one of three:
     'image'            uint8   [B, P, Q, 3]  with image_pad_hw = (P, Q): the image as stored,
     'pixels_hw'        int32   [B, 2]        in the top-left pixels_hw, zeros elsewhere; the
                                              jitted step resizes it to S
-                                             (preprocessing.pad_image / resize_padded)
+                                             (stack_rows / preprocessing.resize_padded)
     'image'            uint8   [B, S, S, 3]  with image_pad_hw None: preprocessing.resize_image
                                              on the host (bilinear, no antialias, aspect not
                                              kept), rounded to uint8
@@ -92,7 +92,7 @@ from absl import flags, logging
 
 from sameo_jax.data import mixture as mixture_lib
 from sameo_jax.data.pooling import downsample_masks
-from sameo_jax.preprocessing import pad_image, rescale_points, resize_image
+from sameo_jax.preprocessing import rescale_points, resize_image
 
 PROMPT_MODES = ("random", "modal", "amodal")
 BATCH_KEYS = ("image", "image_key", "prompt_boxes", "prompt_is_amodal", "amodal_masks",
@@ -253,22 +253,18 @@ def prepare_example(
     row = {}
     if embedding is not None:
         row["embedding"] = embedding
-    elif not image:
-        pass
-    elif image_pad_hw is not None:
+    elif image and image_pad_hw is not None:
+        pixels = record.image()
         if h > image_pad_hw[0] or w > image_pad_hw[1]:
             logging.log_first_n(
                 logging.WARNING, "a %dx%d image exceeds the image pad %s: such images are "
                 "resized on the host (rounded to uint8); a larger pad (config.data."
                 "image_pad_hw) keeps the resize exact", 1, h, w, tuple(image_pad_hw))
-        pixels = record.image()
-        if h > image_pad_hw[0] or w > image_pad_hw[1]:
-            pixels = pad_image(pixels, (image_size, image_size), image_size)[0]
+            pixels = _host_resized(pixels, image_size)
         row["image"] = pixels  # padded to image_pad_hw when rows are stacked (stack_rows)
         row["pixels_hw"] = np.asarray(pixels.shape[:2], np.int32)
-    else:
-        resized = resize_image(record.image(), image_size)
-        row["image"] = np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+    elif image:
+        row["image"] = _host_resized(record.image(), image_size)
     return {
         **row,
         "image_key": np.int32(image_key),
@@ -281,6 +277,11 @@ def prepare_example(
             np.float32),
         "valid": pad(valid, bool),
     }
+
+
+def _host_resized(image: np.ndarray, size: int) -> np.ndarray:
+    """[H, W, 3] uint8 -> [size, size, 3] uint8: `resize_image`, rounded."""
+    return np.clip(np.rint(resize_image(image, size)), 0, 255).astype(np.uint8)
 
 
 def _load(source: Any, index: int, where: str) -> Any:

@@ -101,6 +101,12 @@ def resize_image(images, size: int):
     return x
 
 
+def resize_image_uint8(image: np.ndarray, size: int) -> np.ndarray:
+    """[H, W, C] uint8 -> [size, size, C] uint8: `resize_image` rounded (within half a grey
+    level of the float32 result)."""
+    return np.clip(np.rint(resize_image(image, size)), 0, 255).astype(np.uint8)
+
+
 def _dynamic_taps(in_sizes: jax.Array, out_size: int):
     """`_linear_taps` for per-image input sizes [B] int32, in integer arithmetic (exact floor):
     i0, i1 int32 [B, out_size] and the weight of i1, float32 [B, out_size]."""
@@ -143,7 +149,7 @@ def pad_image(image: np.ndarray, pad_hw: tuple[int, int], size: int
     image = np.asarray(image)
     h, w = image.shape[:2]
     if h > p or w > q:
-        image = np.clip(np.rint(resize_image(image, size)), 0, 255).astype(np.uint8)
+        image = resize_image_uint8(image, size)
         h = w = size
     out = np.zeros((p, q, image.shape[-1]), np.uint8)
     out[:h, :w] = image

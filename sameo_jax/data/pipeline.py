@@ -92,7 +92,7 @@ from absl import flags, logging
 
 from sameo_jax.data import mixture as mixture_lib
 from sameo_jax.data.pooling import downsample_masks
-from sameo_jax.preprocessing import rescale_points, resize_image
+from sameo_jax.preprocessing import rescale_points, resize_image_uint8
 
 PROMPT_MODES = ("random", "modal", "amodal")
 BATCH_KEYS = ("image", "image_key", "prompt_boxes", "prompt_is_amodal", "amodal_masks",
@@ -260,11 +260,11 @@ def prepare_example(
                 logging.WARNING, "a %dx%d image exceeds the image pad %s: such images are "
                 "resized on the host (rounded to uint8); a larger pad (config.data."
                 "image_pad_hw) keeps the resize exact", 1, h, w, tuple(image_pad_hw))
-            pixels = _host_resized(pixels, image_size)
+            pixels = resize_image_uint8(pixels, image_size)
         row["image"] = pixels  # padded to image_pad_hw when rows are stacked (stack_rows)
         row["pixels_hw"] = np.asarray(pixels.shape[:2], np.int32)
     elif image:
-        row["image"] = _host_resized(record.image(), image_size)
+        row["image"] = resize_image_uint8(record.image(), image_size)
     return {
         **row,
         "image_key": np.int32(image_key),
@@ -277,11 +277,6 @@ def prepare_example(
             np.float32),
         "valid": pad(valid, bool),
     }
-
-
-def _host_resized(image: np.ndarray, size: int) -> np.ndarray:
-    """[H, W, 3] uint8 -> [size, size, 3] uint8: `resize_image`, rounded."""
-    return np.clip(np.rint(resize_image(image, size)), 0, 255).astype(np.uint8)
 
 
 def _load(source: Any, index: int, where: str) -> Any:

@@ -205,7 +205,7 @@ class Record:
 
     def pooled_masks(self, kind: str, indices: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
         """(the masks of instances `indices` pooled to [k, size, size] bool, as
-        `pipeline.downsample_masks`, and whether each has a pixel [k]), decoded and pooled
+        `pooling.downsample_masks`, and whether each has a pixel [k]), decoded and pooled
         over each mask's bounding box only."""
         hw = self.image_hw()
         out, nonempty = np.zeros((len(indices), size, size), bool), np.zeros(len(indices), bool)

@@ -253,9 +253,10 @@ def schema_to_tfds(example: dict[str, Any], stats: BuildStats) -> dict[str, Any]
 class AmodalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base for release builders. Subclasses set the class constants and `read_split`."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "First release.",
-                     "1.1.0": "objects/order: the release's depth rank (1 = front, 0 = none)."}
+                     "1.1.0": "objects/order: the release's depth rank (1 = front, 0 = none).",
+                     "1.2.0": "objects/*_mask_pooled: the masks pooled to 256 x 256."}
     SOURCE: str = ""  # value of the `source` feature
     DOWNLOAD_PAGE: str = ""
     SPLIT_FILES: dict[str, Sequence[str]] = {}  # split -> annotation files in manual_dir

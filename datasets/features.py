@@ -6,6 +6,9 @@ unchanged and decodes them with PIL), so building and reading need no TensorFlow
   objects/amodal_mask, objects/visible_mask   1-bit PNG per instance ([H, W, 1] uint8 0/1)
   objects/order  the release's depth rank of each instance (1 = front, larger = further
                  back; 0 = the release gives none)
+  objects/amodal_mask_pooled, objects/visible_mask_pooled   the same masks pooled to the
+                 training target size (`sameo_jax.data.pooling.encode_pooled`, 256 x 256
+                 over the whole image), so the loader decodes no PNG for them
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from sameo_jax import image_io
+from sameo_jax.data.pooling import encode_pooled
 
 
 def features() -> tfds.features.FeaturesDict:
     """The shared schema (see the module docstring)."""
     mask = tfds.features.Image(shape=(None, None, 1), encoding_format="png")
+    pooled = tfds.features.Tensor(shape=(), dtype=np.object_)  # bytes
     return tfds.features.FeaturesDict(
         {
             "image": tfds.features.Image(shape=(None, None, 3)),
@@ -37,6 +42,8 @@ def features() -> tfds.features.FeaturesDict:
                     "category_id": np.int64,
                     "occlusion_rate": np.float32,
                     "order": np.int64,
+                    "amodal_mask_pooled": pooled,
+                    "visible_mask_pooled": pooled,
                 }
             ),
         }
@@ -80,10 +87,22 @@ def make_example(
     category_id: np.ndarray,
     occlusion_rate: np.ndarray,
     order: np.ndarray | None = None,
+    amodal_pooled: list[bytes] | None = None,
+    visible_pooled: list[bytes] | None = None,
 ) -> dict[str, Any]:
-    """Schema example ready for TFDS: masks [N, H, W] bool (or a list of their encode_mask
-    bytes), boxes [N, 4] xyxy float32, order [N] int (None: all 0, unknown)."""
+    """Schema example ready for TFDS: masks [N, H, W] bool (or lists of their encode_mask
+    bytes, with their encode_pooled bytes as amodal_pooled / visible_pooled), boxes [N, 4]
+    xyxy float32, order [N] int (None: all 0, unknown)."""
     n = len(np.asarray(category_id).reshape(-1))
+
+    def pooled(masks: Any, given: list[bytes] | None, kind: str) -> list[bytes]:
+        if given is not None:
+            return list(given)
+        if any(isinstance(m, bytes) for m in masks):
+            raise ValueError(f"make_example: {kind} masks given as PNG bytes need their "
+                             f"{kind}_pooled bytes")
+        return [encode_pooled(m) for m in masks]
+
     order = np.zeros(n, np.int64) if order is None else np.asarray(order, np.int64).reshape(-1)
     return {
         "image": image,
@@ -98,5 +117,7 @@ def make_example(
             "category_id": np.asarray(category_id, np.int64).reshape(-1),
             "occlusion_rate": np.asarray(occlusion_rate, np.float32).reshape(-1),
             "order": order,
+            "amodal_mask_pooled": pooled(amodal_masks, amodal_pooled, "amodal"),
+            "visible_mask_pooled": pooled(visible_masks, visible_pooled, "visible"),
         },
     }

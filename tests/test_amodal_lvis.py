@@ -12,7 +12,7 @@ from PIL import Image
 from datasets import build
 from datasets.amodal_lvis import synthesis as al
 from sameo_jax.boxes import boxes_from_masks, xyxy_to_xywh
-from sameo_jax.data import occluders, sources
+from sameo_jax.data import occluders, pipeline, sources
 from sameo_jax.data.demo_scenes import DemoSource
 from sameo_jax.masks import encode_rle
 
@@ -317,6 +317,18 @@ def _records(data):
     return out
 
 
+def _pooled_bytes_bound(mask: np.ndarray, size: int) -> int:
+    """Most bytes a stored pooled mask may take: its header and a bit per cell that the
+    mask's pixel box touches."""
+    y, x = np.nonzero(mask)
+    if not y.size:
+        return 0
+    (h, w), (y0, y1), (x0, x1) = mask.shape, (y.min(), y.max() + 1), (x.min(), x.max() + 1)
+    rows = -(-y1 * size // h) - y0 * size // h
+    cols = -(-x1 * size // w) - x0 * size // w
+    return 10 + -(-rows * cols // 8)
+
+
 def test_stored_form_keeps_the_source_file_and_composes_exactly(tmp_path):
     """Each record holds its source JPEG's own bytes; the read-time composition is the
     decoded JPEG with the occluder patch written under the occluder's mask, nothing else; the
@@ -349,10 +361,19 @@ def test_stored_form_keeps_the_source_file_and_composes_exactly(tmp_path):
         np.testing.assert_array_equal(region[patch.mask], patch.pixels[patch.mask])
         assert not patch.pixels[~patch.mask].any()
         patched += 1
+        # The stored pooled masks: those of the composed example's masks.
+        stored = built.record(i)
+        for kind in ("amodal", "visible"):
+            full = o[f"{kind}_mask"]
+            pooled, _ = stored.pooled_masks(kind, np.arange(len(full)), 256)
+            np.testing.assert_array_equal(pooled, pipeline.downsample_masks(full, 256))
         # Bytes: the JPEG, 1-bit PNG masks (< 400 bytes each at 160 x 160: the objects' masks
-        # twice, the patch's once), the patch pixels as PNG (at most their raw size + 1 KB)
-        # and 1 KB for the other fields.
-        bound = (len(files[source_id]) + 400 * (2 * len(o["amodal_mask"]) + 1)
+        # twice, the patch's once), the pooled masks (10 bytes and a bit per cell their box
+        # touches, at most), the patch pixels as PNG (at most their raw size + 1 KB) and 1 KB
+        # for the other fields.
+        cells = sum(_pooled_bytes_bound(m, 256) for kind in ("amodal", "visible")
+                    for m in o[f"{kind}_mask"])
+        bound = (len(files[source_id]) + 400 * (2 * len(o["amodal_mask"]) + 1) + cells
                  + patch.pixels.size + 1024 + 1024)
         assert len(record) <= bound
     assert patched >= 6

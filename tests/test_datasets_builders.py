@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from datasets import build
-from sameo_jax.data import pipeline, sources
+from sameo_jax.data import pipeline, pooling, sources
 
 H, W = 30, 40
 
@@ -225,15 +225,30 @@ def test_cocoa_release_layout_counts_and_masks(tmp_path, capsys):
             np.testing.assert_allclose(obj["visible_bbox"][k], [*box[:2], *(box[:2] + box[2:])])
             assert obj["occlusion_rate"][k] == pytest.approx(r["occlude_rate"])
         assert obj["category_id"].tolist() == [0] * len(regions)
-    # The loader's masks from the stored files, pooled over their boxes: those of the arrays.
+    # The loader's masks from the stored files: pooled from the PNGs over their boxes, or at
+    # the stored size read from the stored pooled masks (a build without them, as before
+    # 1.2.0, pools the PNGs there too): those of the arrays.
     for i in range(len(source)):
         record, masks = source.record(i), source[i]["objects"]
+        parsed = record._parsed
+        assert all(pooling.stored_size(b) in (None, pooling.STORED_SIZE)
+                   for b in parsed["objects"]["amodal_mask_pooled"])
+        older = sources.Record({**parsed, "objects": {
+            k: v for k, v in parsed["objects"].items() if not k.endswith("_pooled")}},
+            record._features, record.where)
         every = np.arange(record.num_instances)
-        for kind, size in [("amodal", 7), ("visible", 7), ("amodal", 16), ("visible", 32)]:
-            pooled, nonempty = record.pooled_masks(kind, every, size)
+        for kind, size in [("amodal", 7), ("visible", 7), ("amodal", 16), ("visible", 32),
+                           ("amodal", 256), ("visible", 256)]:
             full = masks[f"{kind}_mask"]
-            np.testing.assert_array_equal(pooled, pipeline.downsample_masks(full, size))
-            np.testing.assert_array_equal(nonempty, full.reshape(len(full), -1).any(axis=1))
+            for reader in (record, older):
+                pooled, nonempty = reader.pooled_masks(kind, every, size)
+                np.testing.assert_array_equal(pooled, pipeline.downsample_masks(full, size))
+                np.testing.assert_array_equal(nonempty, full.reshape(len(full), -1).any(axis=1))
+    # A damaged stored pooled mask is an error naming the example and the mask.
+    record = source.record(0)
+    record._parsed["objects"]["visible_mask_pooled"][0] = b"\x00\x01\x02"
+    with pytest.raises(ValueError, match=r"/[0-9.]+ validation example 0: visible mask 0: stored"):
+        record.pooled_masks("visible", [0], pooling.STORED_SIZE)
 
 
 def test_cocoa_cls_and_d2sa(tmp_path, capsys):
@@ -268,7 +283,7 @@ def test_kins_original_and_2020(tmp_path, capsys):
         rc, out, err = _run_build(capsys, [f"kins/{config}", "--manual_dir", str(manual),
                                            "--data_dir", str(data), "--split", "validation"])
         assert rc == 0, err
-        assert f"kins/{config}/1.1.0" in out
+        assert f"kins/{config}/1.2.0" in out
         source = sources.open_source(f"kins/{config}", "validation", str(data))
         _check_coco_style(source, anns, keys)
         for example in _by_image_id(source).values():  # the release's visible box is kept

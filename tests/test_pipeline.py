@@ -113,6 +113,76 @@ def test_downsample_masks_is_exact_for_any_sizes():
         np.testing.assert_array_equal(pipeline.downsample_masks(masks, size), want)
 
 
+def test_stored_pooled_masks_read_back_as_pooled_and_refuse_bad_bytes():
+    from sameo_jax.data import pooling
+
+    rng = np.random.default_rng(1)
+    h, w = 48, 70
+    masks = rng.random((4, h, w)) < 0.5
+    masks[1] = False  # no pixel: stored as b""
+    masks[2] = False
+    masks[2, 5, 7] = True  # a pixel, but no cell at size 16: a header with an empty box
+    masks[3] = False
+    masks[3, 20:41, 9:60] = True
+    for size in (16, 13, 256):
+        want = pipeline.downsample_masks(masks, size)
+        for mask, cells in zip(masks, want, strict=True):
+            data = pooling.encode_pooled(mask, size)
+            out = np.zeros((size, size), bool)
+            assert pooling.read_pooled(data, out) == mask.any()
+            np.testing.assert_array_equal(out, cells)
+            assert pooling.stored_size(data) == (size if mask.any() else None)
+    data = pooling.encode_pooled(masks[3], 16)
+    assert len(data) == 10 + -(-int(pipeline.downsample_masks(masks[3:], 16).sum()) // 8)
+    header = np.frombuffer(data[:10], "<u2").copy()
+    bad = {"short header": data[:6], "bits cut": data[:-1], "bits added": data + b"\0",
+           "box past the grid": np.asarray([16, 0, 17, 0, 4], "<u2").tobytes() + data[10:],
+           "end before start": np.asarray([16, 5, 4, *header[3:]], "<u2").tobytes() + data[10:]}
+    for damaged in bad.values():
+        with pytest.raises(ValueError, match="stored pooled mask"):
+            pooling.read_pooled(damaged, np.zeros((16, 16), bool))
+    with pytest.raises(ValueError, match="does not fit"):
+        pooling.read_pooled(data, np.zeros((32, 32), bool))
+
+
+class _PaddedScenes:
+    """Demo scenes zero-padded to sizes that differ between images (top-left kept)."""
+
+    def __init__(self, demo):
+        self.demo = demo
+
+    def __len__(self):
+        return len(self.demo)
+
+    def __getitem__(self, i):
+        example = self.demo[i]
+        h, w = 96 + 8 * (i % 3), 96 + 4 * (i % 2)
+        image = np.zeros((h, w, 3), np.uint8)
+        image[:96, :96] = example["image"]
+        objects = dict(example["objects"])
+        for key in ("amodal_mask", "visible_mask"):
+            masks = np.zeros((len(objects[key]), h, w), bool)
+            masks[:, :96, :96] = objects[key]
+            objects[key] = masks
+        return {**example, "image": image, "objects": objects}
+
+
+def test_worker_processes_give_the_same_batches(demo):
+    """Through grain's worker processes (masks cross as bits, images padded only to the
+    batch's largest) the batches equal those made in this process."""
+    sources = {"demo": _PaddedScenes(demo)}
+    args = dict(image_pad_hw=(112, 104), mask_size=12)
+    here = _loader(sources, **args)
+    workers = _loader(sources, worker_count=2, **args)
+    try:
+        for _ in range(4):
+            a, b = next(here), next(workers)
+            _equal(a, b)
+            assert a["amodal_masks"].dtype == bool and a["image"].shape == (4, 112, 104, 3)
+    finally:
+        workers.close()
+
+
 def test_images_padded_into_the_batch_or_resized_when_larger_than_the_pad(demo):
     plain = next(_loader({"demo": demo}))  # resized to S x S on the host
     fits = next(_loader({"demo": demo}, image_pad_hw=(100, 112)))

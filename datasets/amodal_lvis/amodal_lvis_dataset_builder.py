@@ -29,6 +29,7 @@ from datasets import features as features_lib
 from datasets.amodal_lvis import synthesis as amodal_lvis
 from sameo_jax.boxes import boxes_from_masks
 from sameo_jax.data.occluders import OccluderPatch
+from sameo_jax.data.pooling import encode_pooled
 
 _LAYOUTS = {
     "lvis": {
@@ -69,6 +70,18 @@ def _areas(masks: np.ndarray) -> np.ndarray:
     return masks.reshape(len(masks), -1).sum(axis=1).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _StoredMask:
+    """A mask's stored bytes: 1-bit PNG and pooled (`features.py`), each made once."""
+
+    png: bytes
+    pooled: bytes
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> _StoredMask:
+        return cls(features_lib.encode_mask(mask), encode_pooled(mask))
+
+
 def stored_examples(record: amodal_lvis.ImageExamples) -> Iterator[tuple[int, dict[str, Any]]]:
     """One image's examples in stored form, ready for TFDS: (key, example) pairs.
 
@@ -76,16 +89,16 @@ def stored_examples(record: amodal_lvis.ImageExamples) -> Iterator[tuple[int, di
     example adds its occluder's mask, its target's visible mask and the patch.
     """
     masks = record.masks
-    encoded = [features_lib.encode_mask(m) for m in masks]
+    encoded = [_StoredMask.of(m) for m in masks]
     boxes = boxes_from_masks(masks)
     areas = _areas(masks)
     cats = np.asarray(record.category_ids, np.int64)
 
-    def example(image_id, visible_png, visible_boxes, visible_areas, occluder, patches):
-        amodal_png, amodal_boxes, amodal_areas, categories = encoded, boxes, areas, cats
+    def example(image_id, visible_masks, visible_boxes, visible_areas, occluder, patches):
+        amodal_masks, amodal_boxes, amodal_areas, categories = encoded, boxes, areas, cats
         if occluder is not None:
-            png, box, area, category = occluder
-            amodal_png, visible_png = amodal_png + [png], visible_png + [png]
+            mask, box, area, category = occluder
+            amodal_masks, visible_masks = amodal_masks + [mask], visible_masks + [mask]
             amodal_boxes, visible_boxes = (np.concatenate([b, box[None]])
                                            for b in (amodal_boxes, visible_boxes))
             amodal_areas, visible_areas = (np.append(a, area).astype(np.float32)
@@ -93,7 +106,10 @@ def stored_examples(record: amodal_lvis.ImageExamples) -> Iterator[tuple[int, di
             categories = np.append(categories, category)
         out = features_lib.make_example(
             image=record.encoded, image_id=image_id, source=amodal_lvis.SOURCE_NAME,
-            amodal_masks=amodal_png, visible_masks=visible_png, amodal_bbox=amodal_boxes,
+            amodal_masks=[m.png for m in amodal_masks],
+            visible_masks=[m.png for m in visible_masks],
+            amodal_pooled=[m.pooled for m in amodal_masks],
+            visible_pooled=[m.pooled for m in visible_masks], amodal_bbox=amodal_boxes,
             visible_bbox=visible_boxes, category_id=categories,
             occlusion_rate=1.0 - visible_areas / np.maximum(amodal_areas, 1.0))
         out["occluders"] = _occluders(patches)
@@ -105,12 +121,12 @@ def stored_examples(record: amodal_lvis.ImageExamples) -> Iterator[tuple[int, di
         occluder, visible = record.occluded(occ)
         k = occ.target
         pair = boxes_from_masks(np.stack([occluder, visible]))
-        visible_png = list(encoded)
-        visible_png[k] = features_lib.encode_mask(visible)
+        visible_masks = list(encoded)
+        visible_masks[k] = _StoredMask.of(visible)
         visible_boxes, visible_areas = boxes.copy(), areas.copy()
         visible_boxes[k], visible_areas[k] = pair[1], np.float32(visible.sum())
-        yield example(occ.image_id, visible_png, visible_boxes, visible_areas,
-                      (features_lib.encode_mask(occluder), pair[0], occluder.sum(),
+        yield example(occ.image_id, visible_masks, visible_boxes, visible_areas,
+                      (_StoredMask.of(occluder), pair[0], occluder.sum(),
                        occ.category_id), [occ.patch])
 
 

@@ -37,7 +37,8 @@ the whole source.
 Stored form (`datasets/amodal_lvis`; `ImageExamples` before encoding). An example keeps its
 source image as the image file's own bytes and the occluder as a small patch:
     image               the source file's bytes (JPEG / PNG as released; other modes as PNG)
-    objects/...         the schema's per-instance fields (1-bit PNG masks at the image size);
+    objects/...         the schema's per-instance fields (1-bit PNG masks at the image size,
+                        and each pooled to 256 x 256);
                         a synthesized example lists the image's complete objects, then the
                         occluder
     occluders           0 (dual) or 1 patch: `pixels` PNG [h, w, 3] (zero outside the mask),

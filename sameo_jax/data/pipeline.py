@@ -97,6 +97,7 @@ from sameo_jax.preprocessing import rescale_points, resize_image_uint8
 PROMPT_MODES = ("random", "modal", "amodal")
 BATCH_KEYS = ("image", "image_key", "prompt_boxes", "prompt_is_amodal", "amodal_masks",
               "visible_masks", "occlusion_rate", "valid")
+_MASK_KEYS = ("amodal_masks", "visible_masks")
 _OBJECT_KEYS = ("amodal_mask", "visible_mask", "amodal_bbox", "visible_bbox", "occlusion_rate")
 
 
@@ -164,10 +165,15 @@ class DecodedExample:
     def masks(self, kind: str, indices: Any) -> np.ndarray:
         return np.asarray(self.objects[f"{kind}_mask"], bool)[np.asarray(indices, np.int64)]
 
-    def pooled_masks(self, kind: str, indices: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(`downsample_masks` of the masks [k, size, size], whether each has a pixel [k])."""
+    def pooled_masks(self, kind: str, indices: Any, size: int, out: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """(`downsample_masks` of the masks [k, size, size] (written into `out` when given),
+        whether each has a pixel [k])."""
         masks = self.masks(kind, indices)
-        return downsample_masks(masks, size), masks.reshape(len(masks), -1).any(axis=1)
+        pooled = downsample_masks(masks, size)
+        if out is not None:
+            out[...] = pooled
+        return (pooled if out is None else out), masks.reshape(len(masks), -1).any(axis=1)
 
     def usable(self) -> np.ndarray:
         """Instances with a non-empty amodal mask."""
@@ -225,7 +231,10 @@ def prepare_example(
 
     amodal_boxes = np.asarray(objects["amodal_bbox"], np.float32)[chosen].reshape(k, 4)
     visible_boxes = np.asarray(objects["visible_bbox"], np.float32)[chosen].reshape(k, 4)
-    visible_small, has_visible = record.pooled_masks("visible", chosen, mask_size)
+    # Targets pooled straight into the padded rows (padding rows stay all False).
+    amodal_masks = np.zeros((n_max, mask_size, mask_size), bool)
+    visible_masks = np.zeros((n_max, mask_size, mask_size), bool)
+    _, has_visible = record.pooled_masks("visible", chosen, mask_size, out=visible_masks[:k])
     if prompt_mode == "random":
         if rng is None:
             raise ValueError("prompt_mode 'random' needs an rng")
@@ -242,8 +251,9 @@ def prepare_example(
         boxes = jitter_boxes(boxes, box_jitter, rng, (h, w))
     boxes = rescale_points(boxes.reshape(k, 2, 2), (h, w), image_size).reshape(k, 4)
 
-    amodal_small, _ = record.pooled_masks("amodal", chosen, mask_size)
-    valid = amodal_small.reshape(k, -1).any(axis=1)
+    record.pooled_masks("amodal", chosen, mask_size, out=amodal_masks[:k])
+    valid = amodal_masks[:k].reshape(k, -1).any(axis=1)
+    visible_masks[:k][~valid] = False  # an invalid row is all zeros
 
     def pad(x: np.ndarray, dtype) -> np.ndarray:
         out = np.zeros((n_max, *x.shape[1:]), dtype)
@@ -270,8 +280,8 @@ def prepare_example(
         "image_key": np.int32(image_key),
         "prompt_boxes": pad(np.where(valid[:, None], boxes, 0.0), np.float32),
         "prompt_is_amodal": pad(is_amodal & valid, bool),
-        "amodal_masks": pad(amodal_small & valid[:, None, None], bool),
-        "visible_masks": pad(visible_small & valid[:, None, None], bool),
+        "amodal_masks": amodal_masks,
+        "visible_masks": visible_masks,
         "occlusion_rate": pad(
             np.where(valid, np.asarray(objects["occlusion_rate"], np.float32)[chosen], 0.0),
             np.float32),
@@ -409,11 +419,12 @@ def make_train_dataset(
 
     def prepare(item: tuple[int, Any], rng: np.random.Generator):
         key, record = item
-        return prepare_example(
+        row = prepare_example(
             record, rng, image_size=image_size, mask_size=mask_size,
             instances_per_image=instances_per_image, prompt_mode=prompt_mode,
             amodal_prompt_prob=amodal_prompt_prob, box_jitter=box_jitter, image_key=key,
             image_pad_hw=image_pad_hw, image=keyed.embeddings is None)
+        return pack_masks(row) if worker_count > 0 else row
 
     if not 0 <= process_index < process_count or batch_size % process_count:
         raise ValueError(f"pipeline: batch_size {batch_size} does not split among "
@@ -423,8 +434,10 @@ def make_train_dataset(
     # Element i of the global stream is the same example with the same randomness whatever
     # the number of processes; each process reads only its own rows of every global batch.
     ds = mixed.map(keyed.load).random_map(prepare, seed=_sub_seed(seed, 3))
+    # Through worker processes, images cross padded only to the batch's largest image.
+    pad_in_workers = image_pad_hw if worker_count == 0 or image_pad_hw is None else "fit"
     ds = ds[start:].batch(batch_size // process_count, drop_remainder=True,
-                          batch_fn=functools.partial(stack_rows, image_pad_hw=image_pad_hw))
+                          batch_fn=functools.partial(stack_rows, image_pad_hw=pad_in_workers))
     ds = ds[process_index::process_count]
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                  prefetch_buffer_size=prefetch_batches))
@@ -435,6 +448,8 @@ def make_train_dataset(
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+        it_ds = it_ds.map(functools.partial(unpack_masks, mask_size=mask_size,
+                                            image_pad_hw=image_pad_hw))
     if keyed.embeddings is not None:
         it_ds = it_ds.map(keyed.add_embeddings)
     return it_ds
@@ -529,17 +544,39 @@ def _batched(row_lists: Iterator[list[dict[str, np.ndarray]]], batch_size: int,
 def stack_rows(rows: Sequence[dict[str, np.ndarray]],
                image_pad_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """Rows of `prepare_example` -> one batch; with image_pad_hw (P, Q), each row's image
-    goes to the top-left of a zero [B, P, Q, 3] array (one copy, no padded row image)."""
+    goes to the top-left of a zero [B, P, Q, 3] array (one copy, no padded row image);
+    "fit": P, Q are the largest image's."""
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "image"}
     if "image" in rows[0]:
         if image_pad_hw is None:
             batch["image"] = np.stack([r["image"] for r in rows])
         else:
+            if image_pad_hw == "fit":
+                image_pad_hw = np.max([r["image"].shape[:2] for r in rows], axis=0)
             batch["image"] = np.zeros((len(rows), *image_pad_hw, 3), np.uint8)
             for out, r in zip(batch["image"], rows, strict=True):
                 h, w = r["image"].shape[:2]
                 out[:h, :w] = r["image"]
     return {k: batch[k] for k in rows[0]}
+
+
+def pack_masks(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The masks as bits along their last axis (uint8 [..., ceil(L / 8)]): what crosses from
+    grain's workers to the consumer, 8x less than bool."""
+    return {**batch, **{k: np.packbits(batch[k], axis=-1) for k in _MASK_KEYS}}
+
+
+def unpack_masks(batch: dict[str, np.ndarray], mask_size: int,
+                 image_pad_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Inverse of `pack_masks`: bool [..., mask_size] masks; with image_pad_hw, the image
+    padded from its batch's largest image (`stack_rows(..., "fit")`) to [B, P, Q, 3]."""
+    out = {**batch, **{k: np.unpackbits(batch[k], axis=-1, count=mask_size).view(bool)
+                       for k in _MASK_KEYS}}
+    if image_pad_hw is not None and "image" in batch:
+        image = batch["image"]
+        out["image"] = np.zeros((len(image), *image_pad_hw, 3), np.uint8)
+        out["image"][:, : image.shape[1], : image.shape[2]] = image
+    return out
 
 
 def to_global_batch(batch: Any, sharding: jax.sharding.Sharding) -> Any:

@@ -3,6 +3,11 @@
 Each of the size x size cells (equal parts of the whole H x W image) is in the pooled mask
 when at least half of its area is covered by the mask. Computed exactly, in integers (areas
 in units of 1 / size^2 pixel), over the mask's bounding box only.
+
+Stored form (`encode_pooled` at build time, `read_pooled` in the loader): a mask pooled to
+STORED_SIZE, as five little-endian uint16 (size, i0, i1, j0, j1: the pooled mask's bounding
+box in cells, ends exclusive, all 0 when nothing is left at that size) and the cells of that
+box as `np.packbits` bits, row-major; b"" for a mask with no pixel at all.
 """
 
 from __future__ import annotations
@@ -10,6 +15,10 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+
+# EfficientSAM's low-resolution mask size (1024 px input / 4), the training target size.
+STORED_SIZE = 256
+_HEADER = np.dtype("<u2")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -65,3 +74,43 @@ def downsample_masks(masks: np.ndarray, size: int) -> np.ndarray:
         if box is not None:
             out[k] = pool_mask_crop(mask[box[1] : box[3], box[0] : box[2]], box, (h, w), size)
     return out
+
+
+def encode_pooled(mask: np.ndarray, size: int = STORED_SIZE) -> bytes:
+    """[H, W] bool -> the stored form of its pooling to [size, size] (module docstring)."""
+    mask = np.asarray(mask, bool)
+    box = mask_box(mask)
+    if box is None:
+        return b""
+    pooled = pool_mask_crop(mask[box[1] : box[3], box[0] : box[2]], box, mask.shape, size)
+    j0, i0, j1, i1 = mask_box(pooled) or (0, 0, 0, 0)
+    header = np.asarray([size, i0, i1, j0, j1], _HEADER).tobytes()
+    return header + np.packbits(pooled[i0:i1, j0:j1]).tobytes()
+
+
+def stored_size(data: bytes) -> int | None:
+    """The size a stored pooled mask was pooled to; None for a mask with no pixel."""
+    if not data:
+        return None
+    if len(data) < _HEADER.itemsize * 5:
+        raise ValueError(f"stored pooled mask of {len(data)} bytes, shorter than its header")
+    return int(np.frombuffer(data, _HEADER, 1)[0])
+
+
+def read_pooled(data: bytes, out: np.ndarray) -> bool:
+    """Writes a stored pooled mask into `out` ([size, size] bool, all False) and returns
+    whether the mask had a pixel. Raises ValueError for bytes that are not that form."""
+    if not data:
+        return False
+    size = stored_size(data)
+    i0, i1, j0, j1 = (int(v) for v in np.frombuffer(data, _HEADER, 4, _HEADER.itemsize))
+    if out.shape != (size, size) or not (i0 <= i1 <= size and j0 <= j1 <= size):
+        raise ValueError(f"stored pooled mask of size {size} with cells [{i0}:{i1}, {j0}:{j1}]"
+                         f" does not fit [{out.shape[0]}, {out.shape[1]}]")
+    cells, bits = (i1 - i0) * (j1 - j0), data[_HEADER.itemsize * 5 :]
+    if len(bits) != -(-cells // 8):
+        raise ValueError(f"stored pooled mask: {len(bits)} bytes of bits for {cells} cells")
+    if cells:
+        flat = np.unpackbits(np.frombuffer(bits, np.uint8), count=cells).view(bool)
+        out[i0:i1, j0:j1] = flat.reshape(i1 - i0, j1 - j0)
+    return True

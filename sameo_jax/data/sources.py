@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from sameo_jax.data.occluders import paste_occluders, stored_patches
-from sameo_jax.data.pooling import mask_box, pool_mask_crop
+from sameo_jax.data.pooling import mask_box, pool_mask_crop, read_pooled, stored_size
 
 # split -> (seed, number of examples) of the in-memory demo data set.
 DEMO_SPLITS = {"train": (0, 2000), "validation": (1, 200), "test": (2, 200)}
@@ -143,7 +143,9 @@ class Record:
             "order": (np.asarray(obj["order"], np.int64).reshape(-1) if "order" in obj
                       else np.zeros(n, np.int64)),
         }
-        for key in ("amodal_mask", "visible_mask"):
+        # Builds before 1.2.0 have no pooled masks: theirs are pooled from the PNGs.
+        keys = ("amodal_mask", "visible_mask", "amodal_mask_pooled", "visible_mask_pooled")
+        for key in keys[: 4 if keys[2] in obj else 2]:
             if len(obj[key]) != n:
                 raise ValueError(f"{where}: {len(obj[key])} {key}s for {n} instances")
         self._hw: tuple[int, int] | None = None
@@ -203,24 +205,41 @@ class Record:
             out[row] = _nonzero(self._decoded_mask(kind, i))
         return out
 
-    def pooled_masks(self, kind: str, indices: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
+    def pooled_masks(self, kind: str, indices: Any, size: int, out: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
         """(the masks of instances `indices` pooled to [k, size, size] bool, as
-        `pooling.downsample_masks`, and whether each has a pixel [k]), decoded and pooled
-        over each mask's bounding box only."""
-        hw = self.image_hw()
-        out, nonempty = np.zeros((len(indices), size, size), bool), np.zeros(len(indices), bool)
+        `pooling.downsample_masks`, and whether each has a pixel [k]): read from the stored
+        pooled masks when they were pooled to `size`, else decoded and pooled over each
+        mask's bounding box only. `out`: an all-False [k, size, size] array to write into."""
+        if out is None:
+            out = np.zeros((len(indices), size, size), bool)
+        nonempty = np.zeros(len(indices), bool)
+        stored = self._parsed["objects"].get(f"{kind}_mask_pooled")
         for row, i in enumerate(indices):
-            im = self._decoded_mask(kind, i)
-            if im.mode in ("1", "L"):  # getbbox: the box of the nonzero pixels
-                box = im.getbbox()
-                crop = None if box is None else _nonzero(im.crop(box))
-            else:
-                mask = _nonzero(im)
-                box = mask_box(mask)
-                crop = None if box is None else mask[box[1] : box[3], box[0] : box[2]]
-            if box is not None:
-                out[row], nonempty[row] = pool_mask_crop(crop, box, hw, size), True
+            data = None if stored is None else stored[int(i)]
+            try:
+                if data is not None and stored_size(data) in (None, size):
+                    nonempty[row] = read_pooled(data, out[row])
+                    continue
+            except ValueError as e:
+                raise ValueError(f"{self.where}: {kind} mask {int(i)}: {e}") from None
+            nonempty[row] = self._pool_png(kind, i, size, out[row])
         return out, nonempty
+
+    def _pool_png(self, kind: str, i: int, size: int, out: np.ndarray) -> bool:
+        """Pools the PNG of mask `i` of `kind` into `out` [size, size]; whether it has a pixel."""
+        hw = self.image_hw()
+        im = self._decoded_mask(kind, i)
+        if im.mode in ("1", "L"):  # getbbox: the box of the nonzero pixels
+            box = im.getbbox()
+            crop = None if box is None else _nonzero(im.crop(box))
+        else:
+            mask = _nonzero(im)
+            box = mask_box(mask)
+            crop = None if box is None else mask[box[1] : box[3], box[0] : box[2]]
+        if box is not None:
+            out[...] = pool_mask_crop(crop, box, hw, size)
+        return box is not None
 
 
 def _nonzero(im: Any) -> np.ndarray:

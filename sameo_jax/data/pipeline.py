@@ -54,12 +54,15 @@ amodal box has an area (the builders drop empty masks).
 Target masks at L: each L x L cell is in the mask when at least half of its area is covered
 ("majority area pooling", computed exactly in integers over the mask's bounding box). The
 L x L grid spans the whole original image, the same frame as the resized S x S input. An
-instance whose amodal target vanishes at L (too small) is marked invalid.
+instance whose amodal target vanishes at L (too small) is marked invalid. Built data sets
+store every mask pooled at L = 256 (`pooling.encode_pooled`), read without decoding a PNG.
 
 Mixing: one shuffled, repeated stream per source, mixed per element by
 `sameo_jax.data.mixture` (`mixture` = "log_proportional" | "proportional" | "uniform" | a
 mapping name -> weight). Batches are made before the iterator, so each of the
 `read_threads` threads (0: synchronous) and `worker_count` processes builds whole batches.
+From worker processes, masks cross as bits and images padded only to the batch's largest;
+the consuming process unpacks and pads them (`unpack_masks`): the batches are the same.
 
 Determinism and resuming: the training examples form one global stream, a pure function of
 (seed, position in the stream), whatever the number of workers or processes; global batch k

@@ -173,10 +173,10 @@ class DecodedExample:
         """(`downsample_masks` of the masks [k, size, size] (written into `out` when given),
         whether each has a pixel [k])."""
         masks = self.masks(kind, indices)
-        pooled = downsample_masks(masks, size)
-        if out is not None:
-            out[...] = pooled
-        return (pooled if out is None else out), masks.reshape(len(masks), -1).any(axis=1)
+        if out is None:
+            out = np.empty((len(masks), size, size), bool)
+        out[...] = downsample_masks(masks, size)
+        return out, masks.reshape(len(masks), -1).any(axis=1)
 
     def usable(self) -> np.ndarray:
         """Instances with a non-empty amodal mask."""
@@ -545,7 +545,7 @@ def _batched(row_lists: Iterator[list[dict[str, np.ndarray]]], batch_size: int,
 
 
 def stack_rows(rows: Sequence[dict[str, np.ndarray]],
-               image_pad_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+               image_pad_hw: tuple[int, int] | str | None = None) -> dict[str, np.ndarray]:
     """Rows of `prepare_example` -> one batch; with image_pad_hw (P, Q), each row's image
     goes to the top-left of a zero [B, P, Q, 3] array (one copy, no padded row image);
     "fit": P, Q are the largest image's."""
